@@ -1,0 +1,87 @@
+"""FELLRec / FedAvg aggregation against a plain NumPy transcription of the released code."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from federated import strategies
+
+
+def released_get_aggregate_lora_weight(client_vectors, train_loss, epoch, alpha, beta, variant):
+  """Transcribes BigRec_FELLRec/utils.py: warm weights, cosine similarity, weighted average."""
+  x = np.asarray(train_loss, np.float64) / 0.05
+  e = np.exp(x - x.max())
+  train_loss = e / e.sum()
+  if variant == "code":
+    warm_weight = [math.tanh(alpha / (train_loss[i] ** (epoch + 1 / beta))) for i in range(len(train_loss))]
+  else:
+    warm_weight = [math.tanh(alpha / (train_loss[i] ** ((epoch + 1) / beta))) for i in range(len(train_loss))]
+  v = np.stack(client_vectors).astype(np.float64)
+  unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+  sim = (unit @ unit.T + 1) / 2
+  if variant == "paper" or beta != 1:
+    for i in range(len(sim)):
+      for j in range(len(sim)):
+        if i != j:
+          sim[i][j] *= warm_weight[i]
+  return [sum(sim[i][j] * v[j] for j in range(len(v))) / sim[i].sum() for i in range(len(v))]
+
+
+def _random_stack(rng, c):
+  return {"blocks": {"q": {"a_ir": rng.normal(size=(c, 3, 6, 2)), "b_ro": rng.normal(size=(c, 3, 2, 5))},
+                     "v": {"a_ir": rng.normal(size=(c, 3, 6, 2)), "b_ro": rng.normal(size=(c, 3, 2, 5))}}}
+
+
+def _flatten(tree, i):
+  return np.concatenate([np.asarray(x[i]).ravel() for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+@pytest.mark.parametrize("beta", [1.0, 5.0])
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_fellrec_matches_released_numpy(variant, beta, epoch):
+  rng = np.random.default_rng(int(beta * 10 + epoch))
+  c = 5
+  stacked = _random_stack(rng, c)
+  losses = np.array([2.07, 2.08, 2.21, 1.94, 2.06]) + rng.normal(scale=0.02, size=c)
+  expected = released_get_aggregate_lora_weight([_flatten(stacked, i) for i in range(c)], losses, epoch,
+                                                0.7, beta, variant)
+  stacked32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stacked)
+  got = jax.jit(strategies.fellrec_aggregate, static_argnames=("alpha", "beta", "temperature", "variant"))(
+      stacked32, jnp.asarray(losses, jnp.float32), epoch, alpha=0.7, beta=beta, variant=variant)
+  for i in range(c):
+    np.testing.assert_allclose(_flatten(got, i), expected[i], rtol=1e-5, atol=1e-5)
+
+
+def test_warm_weights_heat_up_and_slow_clients_heat_slower():
+  losses = jnp.array([2.07, 2.08, 2.21, 1.94, 2.06])
+  w0 = strategies.warm_weights(losses, 0, alpha=0.7, beta=5.0)
+  w5 = strategies.warm_weights(losses, 5, alpha=0.7, beta=5.0)
+  assert bool(jnp.all(w5 >= w0))
+  assert int(jnp.argmin(w0)) == 2  # the highest-loss client leans most on its own parameters
+
+
+def test_fedavg_is_example_weighted_mean_for_everyone():
+  rng = np.random.default_rng(0)
+  stacked = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+  counts = jnp.array([1.0, 2.0, 5.0])
+  got = strategies.fedavg_aggregate(stacked, counts)
+  expected = (np.asarray(stacked["w"]) * np.array([1, 2, 5])[:, None]).sum(0) / 8
+  np.testing.assert_allclose(np.asarray(got["w"]), np.broadcast_to(expected, (3, 4)), rtol=1e-6)
+
+
+def test_partial_participation():
+  """FELLRec: absent clients keep their parameters; FedAvg: everyone gets the participants' mean."""
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(4, 3))
+  stacked = {"w": jnp.asarray(w, jnp.float32)}
+  participating = jnp.array([True, False, True, True])
+  fel = np.asarray(strategies.fellrec_aggregate(stacked, jnp.ones(4), 1, alpha=0.7, beta=5.0,
+                                                participating=participating)["w"])
+  np.testing.assert_allclose(fel[1], w[1], rtol=1e-6)
+  assert not np.allclose(fel[0], w[0])
+  avg = np.asarray(strategies.fedavg_aggregate(stacked, jnp.ones(4), participating)["w"])
+  np.testing.assert_allclose(avg, np.broadcast_to(w[[0, 2, 3]].mean(0), (4, 3)), rtol=1e-5)
