@@ -1,0 +1,199 @@
+"""Per-client examples -> stacked, lockstep numpy batches for the vmapped client step.
+
+Batches are a pure function of (seed, epoch, step): client c's epoch-`epoch` order is a grain
+`MapDataset` shuffle seeded by (seed, epoch, c), and step s takes that order's s-th slice of
+`batch_size`. So an iterator is resumed exactly from the dict {"seed", "epoch", "step"}.
+
+Lockstep: an epoch has S = max_c steps_c steps (steps_c = ceil(n_c / B)); at each step every client
+yields a batch. A client's last batch is zero-padded to B, and a client that has run out of data
+yields an all-padding batch; padded rows have example_mask 0 (and all other masks 0).
+
+Generative batch (`TokenizedExamples`), right-padded, T fixed for a run:
+  input_ids      [C, B, T] int32  prompt then response tokens, then pad_id
+  attention_mask [C, B, T] int32  1 on real tokens
+  loss_mask      [C, B, T] int32  loss_mask[..., t] = 1 iff the token at t+1 is a token to predict
+                                  (a response token, or any token after the first when
+                                  train_on_inputs). Targets are input_ids shifted left by one:
+                                  loss = sum_t loss_mask[t] * CE(logits[t], input_ids[t+1]);
+                                  loss_mask[..., T-1] is always 0.
+  example_mask   [C, B]    int32  1 on real examples
+Discriminative batch (`IdExamples`):
+  history [C, B, H] int32 (left-padded with 0, most recent last), history_mask [C, B, H] int32,
+  target [C, B] int32, example_mask [C, B] int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Protocol, Sequence
+
+import grain
+import numpy as np
+
+from fellrec_jax.data import examples as examples_lib
+from fellrec_jax.data.prepare import PreparedData
+from fellrec_jax.data.sources import DataError
+
+
+class Tokenizer(Protocol):
+  bos_id: int | None
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without special tokens."""
+
+
+def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 512) -> tuple[list[int], int]:
+  """[bos] + encode(prompt) + encode(response) + [eos], at most `cutoff` tokens; returns (ids, P) with P
+  the number of prompt tokens (bos included).
+
+  Over-long examples keep the whole response and bos, and drop the oldest prompt tokens (the front
+  of the template), because the history's most recent titles and the "### Response:" marker sit at the
+  end of the prompt. A response longer than the cutoff alone is cut at its end.
+  """
+  head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  body = tokenizer.encode(prompt)
+  resp = (tokenizer.encode(response) + [tokenizer.eos_id])[:cutoff - len(head)]
+  room = cutoff - len(head) - len(resp)
+  body = body[len(body) - room:] if 0 < room < len(body) else (body if room > 0 else [])
+  return head + body + resp, len(head) + len(body)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExamples:
+  """One client's tokenized examples, stored ragged.
+
+  Attributes:
+    tokens: [sum L_n] int32 all examples' ids concatenated.
+    offsets: [N+1] int64, example n is tokens[offsets[n]:offsets[n+1]].
+    loss_start: [N] first position whose token is predicted (P, or 1 when train_on_inputs).
+    seq_len: T, the padded length of every batch.
+    pad_id: id written on padding.
+  """
+
+  tokens: np.ndarray
+  offsets: np.ndarray
+  loss_start: np.ndarray
+  seq_len: int
+  pad_id: int
+
+  def __len__(self) -> int:
+    return int(self.loss_start.shape[0])
+
+  def gather(self, idx: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Examples `idx` (len <= B) as one right-padded batch of B rows ([B, T] / [B])."""
+    b, t = batch_size, self.seq_len
+    out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "attention_mask": np.zeros((b, t), np.int32),
+           "loss_mask": np.zeros((b, t), np.int32), "example_mask": np.zeros(b, np.int32)}
+    for r, n in enumerate(idx):
+      ids = self.tokens[self.offsets[n]:self.offsets[n + 1]]
+      out["input_ids"][r, :len(ids)] = ids
+      out["attention_mask"][r, :len(ids)] = 1
+      out["loss_mask"][r, self.loss_start[n] - 1:len(ids) - 1] = 1
+      out["example_mask"][r] = 1
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class IdExamples:
+  """One client's discriminative examples: history [N, H], history_mask [N, H], target [N]."""
+
+  history: np.ndarray
+  history_mask: np.ndarray
+  target: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.target.shape[0])
+
+  def gather(self, idx: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    pad = batch_size - len(idx)
+    idx = np.asarray(idx, np.int64)
+    rows = lambda a: np.concatenate([a[idx], np.zeros((pad, *a.shape[1:]), a.dtype)])
+    return {"history": rows(self.history), "history_mask": rows(self.history_mask), "target": rows(self.target),
+            "example_mask": np.concatenate([np.ones(len(idx), np.int32), np.zeros(pad, np.int32)])}
+
+
+ClientExamples = TokenizedExamples | IdExamples
+
+
+def generative_clients(prep: PreparedData, tokenizer: Tokenizer, *, cutoff: int = 512,
+                       train_on_inputs: bool = False, pad_multiple: int = 8) -> list[TokenizedExamples]:
+  """Tokenized BIGRec training prompts per client. T = the longest example over all clients rounded
+  up to `pad_multiple` (and at most `cutoff`), the same for every client so batches stack."""
+  per_client = []
+  for c in range(prep.num_clients):
+    recs = examples_lib.window_records(prep.client_windows(c), prep.titles, prep.dataset.item_noun)
+    per_client.append([tokenize(tokenizer, *examples_lib.prompt_text(r), cutoff=cutoff) for r in recs])
+  longest = max((len(ids) for toks in per_client for ids, _ in toks), default=1)
+  seq_len = min(cutoff, -(-longest // pad_multiple) * pad_multiple)
+  out = []
+  for toks in per_client:
+    lengths = [len(ids) for ids, _ in toks]
+    out.append(TokenizedExamples(
+        tokens=np.asarray([i for ids, _ in toks for i in ids], np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+        loss_start=np.asarray([1 if train_on_inputs else max(p, 1) for _, p in toks], np.int64),
+        seq_len=seq_len, pad_id=tokenizer.pad_id))
+  return out
+
+
+def discriminative_clients(prep: PreparedData) -> list[IdExamples]:
+  """Training windows per client as ids."""
+  return [IdExamples(w.history, w.history_mask, w.target) for w in map(prep.client_windows, range(prep.num_clients))]
+
+
+def steps_per_epoch(clients: Sequence[ClientExamples], batch_size: int) -> np.ndarray:
+  """[C] int: ceil(n_c / batch_size), the steps in which client c has real examples."""
+  return np.asarray([-(-len(ex) // batch_size) for ex in clients], np.int64)
+
+
+def _shuffle_seed(seed: int, epoch: int, client: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch, client]).generate_state(1)[0])
+
+
+def client_batches(ex: ClientExamples, *, batch_size: int, seed: int, epoch: int, client: int) -> grain.MapDataset:
+  """grain MapDataset of client `client`'s batches in epoch `epoch` (element s = step s, dict of [B, ...])."""
+  return (grain.MapDataset.range(len(ex)).shuffle(seed=_shuffle_seed(seed, epoch, client))
+          .batch(batch_size, drop_remainder=False).map(lambda idx: ex.gather(idx, batch_size)))
+
+
+def _stack(per_client: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([b[k] for b in per_client]) for k in per_client[0]}
+
+
+def _epoch(clients: Sequence[ClientExamples], batch_size: int, seed: int, epoch: int, start: int) -> Iterator[dict]:
+  steps = steps_per_epoch(clients, batch_size)
+  datasets = [client_batches(ex, batch_size=batch_size, seed=seed, epoch=epoch, client=c) if len(ex) else None
+              for c, ex in enumerate(clients)]
+  empty = np.zeros(0, np.int64)
+  for s in range(start, int(steps.max())):
+    yield _stack([ds[s] if s < steps[c] else ex.gather(empty, batch_size)
+                  for c, (ex, ds) in enumerate(zip(clients, datasets))])
+
+
+def epoch_batches(clients: Sequence[ClientExamples], *, batch_size: int, seed: int, epoch: int,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Yields the stacked [C, B, ...] batches of one lockstep epoch, steps start_step..S-1."""
+  return _epoch(clients, batch_size, seed, epoch, start_step)
+
+
+def batch_at(clients: Sequence[ClientExamples], *, batch_size: int, seed: int, epoch: int, step: int) -> dict[str, np.ndarray]:
+  """The stacked batch of (epoch, step); random access, equal to what the iterators yield there."""
+  return next(_epoch(clients, batch_size, seed, epoch, step))
+
+
+def iterate(clients: Sequence[ClientExamples], *, batch_size: int, state: dict[str, int]
+            ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, int]]]:
+  """Endless lockstep batches from `state` = {"seed", "epoch", "step"}; yields (batch, next_state),
+  where next_state resumes right after that batch (save it with the model checkpoint).
+  Start a run with {"seed": seed, "epoch": 0, "step": 0}."""
+  if steps_per_epoch(clients, batch_size).max(initial=0) == 0:
+    raise DataError("no client has any training example")
+  seed, epoch, step = state["seed"], state["epoch"], state["step"]
+  while True:
+    n = int(steps_per_epoch(clients, batch_size).max())
+    for s, batch in enumerate(_epoch(clients, batch_size, seed, epoch, step), start=step):
+      nxt = {"seed": seed, "epoch": epoch, "step": s + 1} if s + 1 < n else {"seed": seed, "epoch": epoch + 1, "step": 0}
+      yield batch, nxt
+    epoch, step = epoch + 1, 0
