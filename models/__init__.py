@@ -4,3 +4,4 @@ from models.config import LoraConfig, ModelConfig, tiny_bert, tiny_llama
 from models.lora import init_lora, merge_lora
 from models.split import client_head, client_tail, server_body, split
 from models.transformer import Params, apply, init_params, mean_pool
+from models.decoding import beam_search, greedy
