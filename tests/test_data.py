@@ -1,0 +1,231 @@
+"""Data layer on ml-latest-small and the synthetic default: filtering, splits, partition, batches."""
+
+import collections
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fellrec_jax.data import examples, pipeline, preprocess, prepare_dataset, sources
+
+ML = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+needs_ml = pytest.mark.skipif(not (ML / "ratings.csv").exists(), reason=f"ml-latest-small not found at {ML}")
+
+
+class WordTokenizer:
+  """Whitespace tokenizer growing its vocabulary on the fly; ids 0/1/2 are pad/bos/eos."""
+
+  pad_id, bos_id, eos_id = 0, 1, 2
+
+  def __init__(self):
+    self.vocab = {}
+
+  def encode(self, text):
+    return [self.vocab.setdefault(w, len(self.vocab) + 3) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def ml_loo():
+  return prepare_dataset("movielens", ML, num_clients=5, partition="kmeans", seed=0, bpr_steps=300)
+
+
+@pytest.fixture(scope="module")
+def ml_dataset():
+  return preprocess.preprocess(sources.read_movielens(ML), k_core=5)
+
+
+def plain_five_core(k=5):
+  with open(ML / "movies.csv", encoding="utf-8", newline="") as f:
+    titled = {r["movieId"] for r in csv.DictReader(f)}
+  with open(ML / "ratings.csv", encoding="utf-8", newline="") as f:
+    edges = {(r["userId"], r["movieId"]) for r in csv.DictReader(f) if r["movieId"] in titled}
+  while True:
+    uc = collections.Counter(u for u, _ in edges)
+    ic = collections.Counter(i for _, i in edges)
+    kept = {(u, i) for u, i in edges if uc[u] >= k and ic[i] >= k}
+    if kept == edges:
+      return len({u for u, _ in edges}), len({i for _, i in edges}), len(edges)
+    edges = kept
+
+
+@needs_ml
+def test_five_core_counts_match_plain_python(ml_loo):
+  _, stats = ml_loo
+  assert (stats["users"], stats["items"], stats["interactions"]) == plain_five_core()
+  assert sum(c["users"] for c in stats["clients"]) == stats["users"]
+  assert sum(c["interactions"] for c in stats["clients"]) == stats["interactions"]
+
+
+@needs_ml
+def test_temporal_split_periods_are_ordered(ml_dataset):
+  ds = ml_dataset
+  sp = preprocess.temporal_split(ds, history_len=10)
+  ts = {(u, i): t for u, i, t in zip(ds.user, ds.item, ds.timestamp)}
+  period_ts = {"train": [], "valid": [], "test": []}
+  for u in range(ds.num_users):
+    period_ts["train"] += [ts[u, i] for i in sp.train[u]]
+    period_ts["valid"] += [ts[u, i] for i in sp.valid_targets[u]]
+    period_ts["test"] += [ts[u, i] for i in sp.test_targets[u]]
+    # Histories are the most recent earlier items, in time order.
+    if len(sp.valid_targets[u]):
+      np.testing.assert_array_equal(sp.valid_history[u], sp.train[u][-10:])
+    if len(sp.test_targets[u]):
+      assert all(ts[u, h] < min(ts[u, t] for t in sp.test_targets[u]) for h in sp.test_history[u])
+      assert len(sp.test_history[u]) <= 10
+  assert max(period_ts["train"]) < min(period_ts["valid"])
+  assert max(period_ts["valid"]) < min(period_ts["test"])
+  # Users without history get no targets; the rest of the interactions land in exactly one period.
+  assert sp.test_users().sum() == 29  # the count quoted in issue 3
+  assert len(period_ts["train"]) + len(period_ts["valid"]) + len(period_ts["test"]) <= ds.num_interactions
+
+
+@needs_ml
+def test_leave_one_out_split(ml_loo):
+  prep, stats = ml_loo
+  sp, ds = prep.split, prep.dataset
+  assert sp.kind == "loo" and stats["split"] == "loo"
+  seqs = preprocess._sequences(ds)
+  for u in range(ds.num_users):
+    np.testing.assert_array_equal(np.concatenate([sp.train[u], sp.valid_targets[u], sp.test_targets[u]]), seqs[u])
+    np.testing.assert_array_equal(sp.test_history[u], seqs[u][:-1][-10:])
+  assert all(c["valid_users"] == c["test_users"] == c["users"] for c in stats["clients"])
+
+
+@needs_ml
+def test_every_user_on_exactly_one_client(ml_loo):
+  prep, stats = ml_loo
+  assert prep.clients.shape == (prep.dataset.num_users,)
+  assert set(np.unique(prep.clients)) == set(range(5))
+  users = np.concatenate([prep.client_users(c) for c in range(5)])
+  assert np.array_equal(np.sort(users), np.arange(prep.dataset.num_users))
+  windows = sum(len(prep.client_windows(c)) for c in range(5))
+  assert windows == len(prep.train) == sum(c["train_examples"] for c in stats["clients"])
+
+
+@needs_ml
+def test_generative_batches_shapes_and_masks():
+  prep, stats = prepare_dataset("movielens", ML, num_clients=3, partition="random", seed=1, max_train_samples=40)
+  tok = WordTokenizer()
+  clients = pipeline.generative_clients(prep, tok, cutoff=512)
+  n = [c["train_examples"] for c in stats["clients"]]
+  assert [len(c) for c in clients] == n and sum(n) == 40
+  bsz = 4
+  steps = pipeline.steps_per_epoch(clients, bsz)
+  assert list(steps) == [-(-k // bsz) for k in n]
+  batches = list(pipeline.epoch_batches(clients, batch_size=bsz, seed=0, epoch=0))
+  assert len(batches) == steps.max()
+  t = clients[0].seq_len
+  seen = [0] * 3
+  for s, b in enumerate(batches):
+    assert b["input_ids"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (3, bsz, t)
+    assert b["example_mask"].shape == (3, bsz)
+    assert all(v.dtype == np.int32 for v in b.values())
+    for c in range(3):
+      real = min(bsz, max(0, n[c] - s * bsz))
+      np.testing.assert_array_equal(b["example_mask"][c], [1] * real + [0] * (bsz - real))
+      seen[c] += real
+      pad = b["example_mask"][c] == 0
+      assert not b["attention_mask"][c][pad].any() and not b["loss_mask"][c][pad].any()
+      assert (b["input_ids"][c][pad] == tok.pad_id).all()
+      for r in np.flatnonzero(~pad):
+        ids, am, lm = b["input_ids"][c, r], b["attention_mask"][c, r], b["loss_mask"][c, r]
+        length = am.sum()
+        assert am[:length].all() and ids[0] == tok.bos_id and ids[length - 1] == tok.eos_id
+        # loss_mask[t] = 1 iff input_ids[t+1] is a response token: the quoted title, then eos.
+        predicted = ids[1:][lm[:-1] == 1]
+        assert lm[-1] == 0 and lm[length - 1:].sum() == 0
+        title_ids = predicted[:-1]
+        assert predicted[-1] == tok.eos_id
+        assert np.array_equal(ids[length - len(predicted):length], predicted)  # response is a suffix
+        words = {v: k for k, v in tok.vocab.items()}
+        assert " ".join(words[i] for i in title_ids).startswith('"')
+  assert seen == n
+
+
+def test_tokenize_truncation_keeps_response():
+  tok = WordTokenizer()
+  ids, p = pipeline.tokenize(tok, " ".join(f"w{i}" for i in range(50)), "a b c", cutoff=10)
+  assert len(ids) == 10 and ids[0] == tok.bos_id and p == 6
+  assert ids[-4:] == tok.encode("a b c") + [tok.eos_id]
+  assert ids[1:p] == tok.encode(" ".join(f"w{i}" for i in range(45, 50)))
+  ids, p = pipeline.tokenize(tok, "x y", "a b", cutoff=512)
+  assert ids == [tok.bos_id] + tok.encode("x y a b") + [tok.eos_id] and p == 3
+
+
+def test_train_on_inputs_masks_everything_after_first_token():
+  prep, _ = prepare_dataset("synthetic", seed=0, num_clients=2, partition="random", max_train_samples=6)
+  clients = pipeline.generative_clients(prep, WordTokenizer(), train_on_inputs=True)
+  b = pipeline.batch_at(clients, batch_size=4, seed=0, epoch=0, step=0)
+  length = b["attention_mask"].sum(-1)
+  np.testing.assert_array_equal(b["loss_mask"].sum(-1), np.maximum(length - 1, 0))
+
+
+def test_discriminative_iteration_covers_each_example_once_and_resumes_exactly():
+  prep, stats = prepare_dataset("synthetic", seed=3, num_clients=4, partition="random", max_train_samples=90)
+  clients = pipeline.discriminative_clients(prep)
+  bsz = 8
+  n_steps = int(pipeline.steps_per_epoch(clients, bsz).max())
+  it = pipeline.iterate(clients, batch_size=bsz, state={"seed": 0, "epoch": 0, "step": 0})
+  run = [next(it) for _ in range(2 * n_steps + 3)]
+  b0 = run[0][0]
+  assert b0["history"].shape == b0["history_mask"].shape == (4, bsz, 10)
+  assert b0["target"].shape == b0["example_mask"].shape == (4, bsz)
+  for c, ex in enumerate(clients):
+    got = np.concatenate([b["target"][c][b["example_mask"][c] == 1] for b, _ in run[:n_steps]])
+    assert sorted(got) == sorted(ex.target)
+  assert run[n_steps - 1][1] == {"seed": 0, "epoch": 1, "step": 0}
+  # Epochs reshuffle; resuming from a saved state reproduces the same batches.
+  assert not np.array_equal(run[0][0]["target"], run[n_steps][0]["target"])
+  state = run[n_steps + 1][1]
+  resumed = pipeline.iterate(clients, batch_size=bsz, state=state)
+  for (want, _), (got, _) in zip(run[n_steps + 2:], resumed):
+    for k in want:
+      np.testing.assert_array_equal(want[k], got[k])
+  # History rows: left-padded, and the target follows the last history item in the user's sequence.
+  w = prep.train
+  assert (w.history_mask[:, -1] == 1).all()
+  for u, h, m, t in zip(w.user, w.history, w.history_mask, w.target):
+    seq = list(prep.split.train[u])
+    p = seq.index(t)
+    assert list(h[m == 1]) == seq[max(0, p - 10):p]
+
+
+def test_synthetic_default_is_deterministic_for_seed():
+  a, b, c = sources.synthetic(seed=7), sources.synthetic(seed=7), sources.synthetic(seed=8)
+  assert a.titles == b.titles and a.categories == b.categories
+  for f in ("user", "item", "timestamp"):
+    np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+  assert a.titles != c.titles or not np.array_equal(a.item, c.item)
+  assert a.num_users == 200 and a.num_items == 120 and 15 * 200 <= a.num_interactions <= 25 * 200
+  pa, sa = prepare_dataset("synthetic", seed=7, bpr_steps=200)
+  pb, sb = prepare_dataset("synthetic", seed=7, bpr_steps=200)
+  assert sa == sb and np.array_equal(pa.clients, pb.clients)
+  assert len(set(a.titles)) == a.num_items
+
+
+def test_synthetic_is_learnable():
+  """A first-order transition count model beats popularity on the synthetic test targets."""
+  prep, _ = prepare_dataset("synthetic", seed=0, partition="random")
+  sp, n_items = prep.split, prep.dataset.num_items
+  trans = np.zeros((n_items, n_items))
+  pop = np.zeros(n_items)
+  for seq in sp.train:
+    np.add.at(trans, (seq[:-1], seq[1:]), 1)
+    np.add.at(pop, seq, 1)
+  hits = {"markov": [], "pop": []}
+  for h, targets in zip(sp.test_history, sp.test_targets):
+    if len(targets):
+      for name, score in (("markov", trans[h[-1]] + 1e-3 * pop), ("pop", pop.copy())):
+        score[h] = -np.inf
+        hits[name].append(np.isin(np.argsort(-score)[:10], targets).any())
+  assert np.mean(hits["markov"]) > np.mean(hits["pop"]) + 0.15
+
+
+def test_bigrec_prompt_format():
+  rec = examples.bigrec_prompt(["A", "B, the sequel"], "C", "movie")
+  assert rec["instruction"].startswith("Given a list of movies the user has interacted with before, please recommend a new movie")
+  assert rec["input"].endswith(': "A", "B, the sequel"') and rec["output"] == '"C"'
+  assert sources.parse_titles(rec["input"]) == ["A", "B, the sequel"]
+  prompt, response = examples.prompt_text(rec)
+  assert prompt.endswith("### Response:\n") and response == '"C"'
