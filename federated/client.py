@@ -1,0 +1,163 @@
+"""Client-side local training: one client's update as a pure function, run over a clients axis.
+
+The U-shaped split step is three functions joined by `jax.vjp`: the client head's activations go up to
+the server, the server body's activations come down, the client tail computes the loss, and the
+activation gradients travel back the same way. Those four arrays are what crosses the cut; their bytes
+are counted from the arrays themselves.
+
+Batch layout seen by one client's local round (the clients axis C is added by vmap):
+  input_ids, attention_mask, loss_mask: [S, A, B, T]   (S steps, A accumulation micro-batches)
+  example_mask:                         [S, A, B]
+`loss_mask[..., t] = 1` when the token at `t + 1` is a target (see `fellrec_jax.data.pipeline`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import models
+from models.config import ModelConfig
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+  """Static description of a client's local step.
+
+  split_k: None trains the unsplit model; an int runs the real U-shaped split at block k.
+  server_lora: "per_client" (server blocks carry this client's adapters) or "frozen" (no server adapters).
+  """
+
+  config: ModelConfig
+  split_k: int | None = None
+  server_lora: str = "per_client"
+
+  def __post_init__(self):
+    if self.server_lora not in ("per_client", "frozen"):
+      raise ValueError(f"server_lora must be 'per_client' or 'frozen', got {self.server_lora!r}")
+
+
+def generative_loss(logits_btv: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over target positions, and the number of target tokens."""
+  targets_bt = jnp.roll(batch["input_ids"], -1, axis=-1)
+  mask = batch["loss_mask"] * batch["example_mask"][..., None]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), targets_bt)
+  return jnp.sum(nll * mask), jnp.sum(mask).astype(jnp.float32)
+
+
+def _concat_layers(*trees):
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
+
+
+def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
+  """Loss sum, token count, LoRA grads and cut traffic of one micro-batch through the real split.
+
+  Returns `(loss_sum, count, grads, traffic)` with `traffic = {"up": bytes client->server,
+  "down": bytes server->client}`.
+  """
+  cfg, k = spec.config, spec.split_k
+  head, body, tail = models.split(cfg, base, k)
+  lora_head, lora_body, lora_tail = models.split(cfg, lora, k)
+  rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+  mask = batch["attention_mask"]
+
+  act_up, head_vjp = jax.vjp(
+      lambda lh: models.client_head(cfg, head, batch["input_ids"], mask, lora=lh, rng=rngs[0]), lora_head)
+  if spec.server_lora == "per_client":
+    act_down, body_vjp = jax.vjp(
+        lambda lb, a: models.server_body(cfg, body, a, mask, lora=lb, rng=rngs[1]), lora_body, act_up)
+  else:
+    act_down, frozen_vjp = jax.vjp(lambda a: models.server_body(cfg, body, a, mask), act_up)
+    body_vjp = lambda g: (jax.tree.map(jnp.zeros_like, lora_body), *frozen_vjp(g))
+  loss_sum, tail_vjp, count = jax.vjp(
+      lambda lt, a: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2]), batch),
+      lora_tail, act_down, has_aux=True)
+
+  grad_tail, grad_down = tail_vjp(jnp.ones_like(loss_sum))
+  grad_body, grad_up = body_vjp(grad_down)
+  (grad_head,) = head_vjp(grad_up)
+  nbytes = lambda x: x.size * x.dtype.itemsize
+  traffic = {"up": nbytes(act_up) + nbytes(grad_down), "down": nbytes(act_down) + nbytes(grad_up)}
+  return loss_sum, count, _concat_layers(grad_head, grad_body, grad_tail), traffic
+
+
+def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
+  """Same contract as `split_value_and_grad` for the whole model in one place (no traffic)."""
+  def loss(lp):
+    logits = models.apply(spec.config, base, batch["input_ids"], batch["attention_mask"], lora=lp, rng=rng)
+    return loss_fn(logits, batch)
+  (loss_sum, count), grads = jax.value_and_grad(loss, has_aux=True)(lora)
+  return loss_sum, count, grads, {"up": 0, "down": 0}
+
+
+def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
+                      penalty: Callable[[PyTree, PyTree], jax.Array] | None = None, loss_fn=generative_loss):
+  """One client's local round: `(base, lora, opt_state, batches, rng) -> (lora, opt_state, stats)`.
+
+  Steps whose micro-batches hold no target token (a client that ran out of data) leave the state
+  untouched. `stats`: loss (token-weighted mean), tokens, examples, bytes_up, bytes_down, steps.
+  """
+  value_and_grad = unsplit_value_and_grad if spec.split_k is None else split_value_and_grad
+
+  def local_update(base, lora, opt_state, batches, rng):
+    def step(carry, xs):
+      lora, opt_state, anchor = carry
+      step_batches, key = xs
+
+      def micro(acc, mb):
+        batch, mkey = mb
+        loss_sum, count, grads, traffic = value_and_grad(spec, base, lora, batch, mkey, loss_fn)
+        active = jnp.any(batch["example_mask"] > 0)
+        return (acc[0] + loss_sum, acc[1] + count, jax.tree.map(jnp.add, acc[2], grads),
+                acc[3] + active * traffic["up"], acc[4] + active * traffic["down"]), None
+
+      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, lora), jnp.zeros(()), jnp.zeros(()))
+      keys = jax.random.split(key, jax.tree.leaves(step_batches)[0].shape[0])
+      (loss_sum, count, grads, up, down), _ = jax.lax.scan(micro, zero, (step_batches, keys))
+      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+      if penalty is not None:
+        grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(lora, anchor))
+      updates, new_opt = tx.update(grads, opt_state, lora)
+      active = count > 0
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+      stats = {"loss_sum": loss_sum, "tokens": count, "examples": jnp.sum(step_batches["example_mask"]),
+               "bytes_up": up, "bytes_down": down, "steps": active.astype(jnp.float32)}
+      return (keep(optax.apply_updates(lora, updates), lora), keep(new_opt, opt_state), anchor), stats
+
+    num_steps = jax.tree.leaves(batches)[0].shape[0]
+    (lora, opt_state, _), per_step = jax.lax.scan(
+        step, (lora, opt_state, lora), (batches, jax.random.split(rng, num_steps)))
+    totals = jax.tree.map(jnp.sum, per_step)
+    stats = dict(totals, loss=totals["loss_sum"] / jnp.maximum(totals["tokens"], 1.0))
+    return lora, opt_state, stats
+
+  return local_update
+
+
+def over_clients(local_update, execution: str = "vmap", group_size: int | None = None):
+  """Lifts a one-client update to stacked clients; the base weights are shared, not vmapped.
+
+  execution: "vmap" (all clients in one program; `group_size` runs them g at a time with
+  `lax.map(batch_size=g)` to bound memory) or "sequential" (a Python loop, one jitted call per client).
+  """
+  if execution == "vmap":
+    if group_size:
+      return lambda base, *per_client: jax.lax.map(lambda xs: local_update(base, *xs), per_client,
+                                                   batch_size=group_size)
+    return jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+  if execution == "sequential":
+    one = jax.jit(local_update)
+
+    def sequential(base, *per_client):
+      num_clients = jax.tree.leaves(per_client)[0].shape[0]
+      outs = [one(base, *jax.tree.map(lambda x: x[c], per_client)) for c in range(num_clients)]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return sequential
+  raise ValueError(f"unknown client execution {execution!r}; expected 'vmap' or 'sequential'")
