@@ -229,3 +229,15 @@ def test_bigrec_prompt_format():
   assert sources.parse_titles(rec["input"]) == ["A", "B, the sequel"]
   prompt, response = examples.prompt_text(rec)
   assert prompt.endswith("### Response:\n") and response == '"C"'
+
+
+def test_eval_examples_render_prompts_without_answer():
+  prep, stats = prepare_dataset("synthetic", seed=0, num_clients=2, partition="random")
+  for c in range(2):
+    w, targets = prep.eval_examples(c, "test")
+    assert len(w) == len(targets) == stats["clients"][c]["test_users"]
+    recs = examples.window_records(w, prep.titles, prep.dataset.item_noun)
+    for rec, u, h, m in zip(recs, w.user, w.history, w.history_mask):
+      assert rec["output"] == ""
+      assert sources.parse_titles(rec["input"]) == [prep.titles[i] for i in prep.split.test_history[u]]
+      np.testing.assert_array_equal(h[m == 1], prep.split.test_history[u])

@@ -57,22 +57,17 @@ def pad_histories(histories: Sequence[np.ndarray], history_len: int) -> tuple[np
   return hist, mask
 
 
-def training_windows(train: Sequence[np.ndarray], history_len: int, *, max_samples: int | None = None,
-                     seed: int = 0) -> Windows:
+def training_windows(train: Sequence[np.ndarray], history_len: int) -> Windows:
   """Windows at every position p >= 1 of each user's training sequence (history = items
-  [p-history_len, p)). With `max_samples`, a seeded uniform subset of that size is kept (BIGRec's
-  released run used 1,024), in the original (user, position) order."""
+  [p-history_len, p)), in (user, position) order."""
   users, hists, targets = [], [], []
   for u, seq in enumerate(train):
     for p in range(1, len(seq)):
       users.append(u)
       hists.append(seq[max(0, p - history_len):p])
       targets.append(seq[p])
-  idx = np.arange(len(users))
-  if max_samples is not None and max_samples < len(users):
-    idx = np.sort(np.random.default_rng(seed).choice(len(users), max_samples, replace=False))
-  hist, mask = pad_histories([hists[i] for i in idx], history_len)
-  return Windows(np.asarray(users, np.int32)[idx], hist, mask, np.asarray(targets, np.int32)[idx])
+  hist, mask = pad_histories(hists, history_len)
+  return Windows(np.asarray(users, np.int32), hist, mask, np.asarray(targets, np.int32))
 
 
 def _plural(noun: str) -> str:
@@ -98,8 +93,9 @@ def prompt_text(record: dict) -> tuple[str, str]:
 
 
 def window_records(w: Windows, titles: Sequence[str], noun: str) -> list[dict]:
-  """Instruction records of each window (verbatim ones when the windows carry text)."""
+  """Instruction records of each window (verbatim ones when the windows carry text); a target < 0
+  (evaluation) gives an empty output."""
   if w.text is not None:
     return list(w.text)
-  return [bigrec_prompt([titles[i] for i in h[m > 0]], titles[t], noun)
+  return [bigrec_prompt([titles[i] for i in h[m > 0]], titles[t] if t >= 0 else None, noun)
           for h, m, t in zip(w.history, w.history_mask, w.target)]

@@ -51,6 +51,16 @@ class PreparedData:
   def client_windows(self, c: int) -> examples_lib.Windows:
     return self.train.take(np.flatnonzero(self.clients[self.train.user] == c))
 
+  def eval_examples(self, c: int, part: str) -> tuple[examples_lib.Windows, list[np.ndarray]]:
+    """Client c's M users that have a `part` ("valid" / "test") target, as (windows with target -1,
+    [M] int32 arrays of all their target items). `examples.window_records` renders their prompts
+    with an empty output."""
+    hist, targets = ((self.split.valid_history, self.split.valid_targets) if part == "valid"
+                     else (self.split.test_history, self.split.test_targets))
+    users = np.asarray([u for u in self.client_users(c) if len(targets[u])], np.int32)
+    h, m = examples_lib.pad_histories([hist[u] for u in users], self.split.history_len)
+    return examples_lib.Windows(users, h, m, np.full(len(users), -1, np.int32)), [targets[u] for u in users]
+
 
 def _load(name: str, data_dir: str | Path | None, seed: int, skip_bad_lines: bool,
           synthetic_kwargs: dict[str, Any] | None) -> Dataset:
