@@ -37,7 +37,7 @@ from fellrec_jax.data.sources import DataError
 
 class Tokenizer(Protocol):
   bos_id: int | None
-  eos_id: int
+  eos_id: int | None
   pad_id: int
 
   def encode(self, text: str) -> list[int]:
@@ -46,7 +46,7 @@ class Tokenizer(Protocol):
 
 def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 512) -> tuple[list[int], int]:
   """[bos] + encode(prompt) + encode(response) + [eos], at most `cutoff` tokens; returns (ids, P) with P
-  the number of prompt tokens (bos included).
+  the number of prompt tokens (bos included). A None bos/eos id is left out.
 
   Over-long examples keep the whole response and bos, and drop the oldest prompt tokens (the front
   of the template), because the history's most recent titles and the "### Response:" marker sit at the
@@ -54,7 +54,8 @@ def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 
   """
   head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
   body = tokenizer.encode(prompt)
-  resp = (tokenizer.encode(response) + [tokenizer.eos_id])[:cutoff - len(head)]
+  tail = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  resp = (tokenizer.encode(response) + tail)[:cutoff - len(head)]
   room = cutoff - len(head) - len(resp)
   body = body[len(body) - room:] if 0 < room < len(body) else (body if room > 0 else [])
   return head + body + resp, len(head) + len(body)
