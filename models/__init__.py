@@ -1,7 +1,9 @@
 """Pure-functional LLM backbones: Llama-family decoder, BERT-family encoder, LoRA, the U-shaped split."""
 
 from models.config import LoraConfig, ModelConfig, tiny_bert, tiny_llama
+from models.loading import PRESETS, load, load_gguf, load_hf_dir
 from models.lora import init_lora, merge_lora
 from models.split import client_head, client_tail, server_body, split
+from models.tokenizer import Tokenizer
 from models.transformer import Params, apply, init_params, mean_pool
 from models.decoding import beam_search, greedy
