@@ -79,7 +79,8 @@ def test_split_training_equals_unsplit_training(split_k):
 
 def test_vmapped_clients_equal_sequential_loop_and_groups():
   cfg, base, lora = _setup(dropout=0.1)
-  tx = optax.adamw(1e-2)
+  # A larger eps keeps Adam from amplifying rounding noise in near-zero first-step gradients of A.
+  tx = optax.adamw(1e-2, eps=1e-4)
   update = client.make_local_update(client.LocalSpec(cfg, split_k=1), tx, penalty=lambda p, a: 0.0)
   lora_c = _stack(lora, C)
   opt_c = jax.vmap(tx.init)(lora_c)
