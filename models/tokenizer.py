@@ -41,6 +41,9 @@ class Tokenizer:
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, bos_id: int | None, eos_id: int | None,
                pad_id: int | None = None, chat_template: str | None = None):
+    # Padding and truncation are done per batch here; a tokenizer.json may carry its own (MiniLM's pads to 128).
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     self.backend = tokenizer
     self.bos_id = bos_id
     self.eos_id = eos_id

@@ -118,14 +118,11 @@ class IdExamples:
 ClientExamples = TokenizedExamples | IdExamples
 
 
-def generative_clients(prep: PreparedData, tokenizer: Tokenizer, *, cutoff: int = 512,
-                       train_on_inputs: bool = False, pad_multiple: int = 8) -> list[TokenizedExamples]:
-  """Tokenized BIGRec training prompts per client. T = the longest example over all clients rounded
-  up to `pad_multiple` (and at most `cutoff`), the same for every client so batches stack."""
-  per_client = []
-  for c in range(prep.num_clients):
-    recs = examples_lib.window_records(prep.client_windows(c), prep.titles, prep.dataset.item_noun)
-    per_client.append([tokenize(tokenizer, *examples_lib.prompt_text(r), cutoff=cutoff) for r in recs])
+def tokenize_clients(records: Sequence[Sequence[dict]], tokenizer: Tokenizer, *, cutoff: int = 512,
+                     train_on_inputs: bool = False, pad_multiple: int = 8) -> list[TokenizedExamples]:
+  """Tokenized instruction records per client. T = the longest example over all clients rounded up
+  to `pad_multiple` (and at most `cutoff`), the same for every client so batches stack."""
+  per_client = [[tokenize(tokenizer, *examples_lib.prompt_text(r), cutoff=cutoff) for r in recs] for recs in records]
   longest = max((len(ids) for toks in per_client for ids, _ in toks), default=1)
   seq_len = min(cutoff, -(-longest // pad_multiple) * pad_multiple)
   out = []
@@ -137,6 +134,25 @@ def generative_clients(prep: PreparedData, tokenizer: Tokenizer, *, cutoff: int 
         loss_start=np.asarray([1 if train_on_inputs else max(p, 1) for _, p in toks], np.int64),
         seq_len=seq_len, pad_id=tokenizer.pad_id))
   return out
+
+
+def generative_clients(prep: PreparedData, tokenizer: Tokenizer, **kwargs) -> list[TokenizedExamples]:
+  """Tokenized BIGRec training prompts per client (`tokenize_clients` keyword arguments)."""
+  records = [examples_lib.window_records(prep.client_windows(c), prep.titles, prep.dataset.item_noun)
+             for c in range(prep.num_clients)]
+  return tokenize_clients(records, tokenizer, **kwargs)
+
+
+def heldout_clients(prep: PreparedData, tokenizer: Tokenizer, part: str, *, max_users: int | None = None,
+                    **kwargs) -> list[TokenizedExamples]:
+  """Per client, `part` ("valid"/"test") prompts answered with each user's first target title: the
+  held-out language-model loss. `max_users` keeps each client's first users only."""
+  records = []
+  for c in range(prep.num_clients):
+    windows, targets = prep.eval_examples(c, part)
+    windows = dataclasses.replace(windows, target=np.asarray([t[0] for t in targets], np.int32))
+    records.append(examples_lib.window_records(windows, prep.titles, prep.dataset.item_noun)[:max_users])
+  return tokenize_clients(records, tokenizer, **kwargs)
 
 
 def discriminative_clients(prep: PreparedData) -> list[IdExamples]:

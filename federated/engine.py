@@ -1,0 +1,239 @@
+"""The federated round loop: sample, train locally (vmapped, split), aggregate, validate, checkpoint.
+
+All per-client state is stacked on a leading clients axis and sharded over the mesh's `clients` axis;
+the frozen base weights are shared by every client and sharded over `model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import models
+from fellrec_jax import checkpoint, sharding
+from fellrec_jax.config import RunConfig
+from fellrec_jax.data import pipeline
+from federated import client, strategies
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class FedState:
+  """Everything a round updates. Leaves of `lora`, `opt_state`, `best_lora` carry the clients axis."""
+
+  lora: PyTree
+  opt_state: PyTree
+  best_lora: PyTree
+  best_valid_loss: jax.Array  # [C], +inf until the first validation
+
+
+def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warmup then linear decay to zero over the whole run (per client)."""
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, warmup) if warmup else optax.constant_schedule(cfg.learning_rate),
+       optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1))], [warmup])
+  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+
+def stack_clients(tree: PyTree, num_clients: int) -> PyTree:
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), tree)
+
+
+def round_batches(batch_iter, num_micro: int, grad_accum: int, participating: np.ndarray) -> dict[str, np.ndarray]:
+  """Draws `num_micro` lockstep micro-batches `[C, B, ...]` -> `[C, S, A, B, ...]`; absent clients masked."""
+  draws = [next(batch_iter)[0] for _ in range(num_micro)]
+  out = {}
+  for key in draws[0]:
+    x = np.stack([d[key] for d in draws], axis=1)  # [C, S*A, B, ...]
+    x = x.reshape(x.shape[0], num_micro // grad_accum, grad_accum, *x.shape[2:])
+    if key.endswith("mask"):
+      x = x * participating.reshape(-1, *([1] * (x.ndim - 1))).astype(x.dtype)
+    out[key] = x
+  return out
+
+
+def heldout_batches(examples: Sequence[pipeline.TokenizedExamples], batch_size: int) -> dict[str, np.ndarray]:
+  """All held-out examples of every client as `[C, S, B, T]` (fixed order)."""
+  steps = list(pipeline.epoch_batches(examples, batch_size=batch_size, seed=0, epoch=0))
+  return {k: np.stack([s[k] for s in steps], axis=1) for k in steps[0]}
+
+
+def make_heldout_loss(config: models.ModelConfig):
+  """`(base, lora_c, batches [C, S, B, T]) -> (mean token loss [C], tokens [C])` of each client's own adapter."""
+  def one_client(base, lora, batches):
+    def step(acc, batch):
+      logits = models.apply(config, base, batch["input_ids"], batch["attention_mask"], lora=lora)
+      loss_sum, count = client.generative_loss(logits, batch)
+      return (acc[0] + loss_sum, acc[1] + count), None
+    (loss_sum, count), _ = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), batches)
+    return loss_sum / jnp.maximum(count, 1.0), count
+  return jax.vmap(one_client, in_axes=(None, 0, 0))
+
+
+@dataclasses.dataclass
+class Engine:
+  """Jitted pieces of one run, bound to a mesh, a model, a strategy and the clients' data."""
+
+  cfg: RunConfig
+  model_config: models.ModelConfig
+  base: PyTree
+  train_examples: Sequence[pipeline.TokenizedExamples]
+  valid_examples: Sequence[pipeline.TokenizedExamples]
+  strategy: strategies.Strategy
+  mesh: jax.sharding.Mesh
+  cuts: Sequence[int | None]  # each training client's split k (None: unsplit)
+
+  def __post_init__(self):
+    cfg, C = self.cfg, len(self.train_examples)
+    self.num_clients = C
+    self.train_counts = np.asarray([len(ex) for ex in self.train_examples], np.float32)
+    self.valid_counts = np.asarray([len(ex) for ex in self.valid_examples], np.float32)
+    epoch_steps = int(pipeline.steps_per_epoch(self.train_examples, cfg.batch_size).max())
+    self.micro_per_round = cfg.grad_accum * max(1, int(np.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum)))
+    self.steps_per_round = self.micro_per_round // cfg.grad_accum
+    self.tx = make_optimizer(cfg, cfg.rounds * self.steps_per_round)
+    self.base = jax.device_put(self.base, sharding.shared(self.mesh, self.base))
+    self._update_fns: dict[int | None, Callable] = {}
+    self._heldout = jax.jit(make_heldout_loss(self.model_config))
+    self._aggregate = jax.jit(self._aggregate_impl)
+    self.valid_batches = heldout_batches(self.valid_examples, cfg.eval_batch_size)
+
+  # ------------------------------------------------------------------ state
+
+  def init_state(self, rng: jax.Array) -> FedState:
+    """Every client starts from the same fresh adapter (B = 0), so FedAvg starts from a common model."""
+    lora = stack_clients(models.init_lora(self.model_config, self.base, rng), self.num_clients)
+    state = FedState(lora=lora, opt_state=jax.vmap(self.tx.init)(lora), best_lora=lora,
+                     best_valid_loss=jnp.full((self.num_clients,), jnp.inf))
+    return jax.device_put(state, sharding.per_client(self.mesh, state))
+
+  # ------------------------------------------------------------------ local training
+
+  def _update_fn(self, k: int | None, num_clients: int) -> Callable:
+    if (k, num_clients) not in self._update_fns:
+      spec = client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora)
+      local = client.make_local_update(spec, self.tx, self.strategy.local_penalty)
+      run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size)
+      self._update_fns[(k, num_clients)] = run if self.cfg.client_execution == "sequential" else jax.jit(run)
+    return self._update_fns[(k, num_clients)]
+
+  def local_training(self, state: FedState, batches: dict[str, np.ndarray], rng: jax.Array):
+    """Runs every client's local round, grouping clients that share a cut k. Returns (state, stats [C])."""
+    keys = jax.random.split(rng, self.num_clients)
+    lora, opt_state, stats = state.lora, state.opt_state, None
+    for k in sorted(set(self.cuts), key=lambda x: -1 if x is None else x):
+      idx = np.asarray([c for c in range(self.num_clients) if self.cuts[c] == k])
+      take = lambda tree: jax.tree.map(lambda x: x[idx], tree)
+      group = (take(lora), take(opt_state), jax.tree.map(lambda x: jnp.asarray(x[idx]), batches), keys[idx])
+      group = jax.device_put(group, sharding.per_client(self.mesh, group))
+      new_lora, new_opt, group_stats = self._update_fn(k, len(idx))(self.base, *group)
+      put = lambda full, part: jax.tree.map(lambda f, p: f.at[idx].set(p), full, part)
+      lora, opt_state = put(lora, new_lora), put(opt_state, new_opt)
+      stats = jax.tree.map(lambda p: jnp.zeros((self.num_clients,), p.dtype), group_stats) if stats is None else stats
+      stats = put(stats, group_stats)
+    return state.replace(lora=lora, opt_state=opt_state), stats
+
+  # ------------------------------------------------------------------ aggregation
+
+  def _aggregate_impl(self, lora, losses, weights, participating, round_index):
+    if not self.cfg.fellrec_private_tail:
+      return self.strategy.aggregate(lora, losses, weights, participating, round_index)
+    last = self.model_config.num_layers - 1  # the client-tail block's adapters stay private
+    shared = jax.tree.map(lambda x: x[:, :last], lora)
+    mixed = self.strategy.aggregate(shared, losses, weights, participating, round_index)
+    return jax.tree.map(lambda m, x: jnp.concatenate([m, x[:, last:]], axis=1), mixed, lora)
+
+  def aggregate(self, state: FedState, losses, participating: np.ndarray, round_index: int) -> FedState:
+    lora = self._aggregate(state.lora, losses, jnp.asarray(self.train_counts), jnp.asarray(participating),
+                           round_index)
+    return state.replace(lora=lora)
+
+  def fellrec_diagnostics(self, state: FedState, losses, participating, round_index: int) -> dict:
+    """The similarity matrix and warm weights FELLRec would use this round (for the logs)."""
+    _, s, w = strategies.fellrec_weights(
+        state.lora, losses, round_index, alpha=self.cfg.fellrec_alpha, beta=self.cfg.fellrec_beta,
+        temperature=self.cfg.fellrec_temperature, variant=self.cfg.fellrec_variant,
+        participating_c=jnp.asarray(participating))
+    return {"similarity": np.asarray(s).round(4).tolist(), "warm_weights": np.asarray(w).round(4).tolist()}
+
+  # ------------------------------------------------------------------ validation
+
+  def validate(self, state: FedState) -> tuple[FedState, np.ndarray]:
+    """Held-out loss of each client's current adapter; keeps each client's best adapter."""
+    loss, _ = self._heldout(self.base, state.lora, self.valid_batches)
+    improved = loss < state.best_valid_loss
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o),
+                                         new, old)
+    return state.replace(best_lora=keep(state.lora, state.best_lora),
+                         best_valid_loss=jnp.where(improved, loss, state.best_valid_loss)), np.asarray(loss)
+
+  def participants(self, round_index: int) -> np.ndarray:
+    """[C] bool: the clients sampled this round (seeded by (seed, round), so resumes agree)."""
+    if self.cfg.clients_per_round is None or self.cfg.clients_per_round >= self.num_clients:
+      return np.ones(self.num_clients, bool)
+    chosen = np.random.default_rng([self.cfg.seed, round_index]).choice(
+        self.num_clients, self.cfg.clients_per_round, replace=False)
+    return np.isin(np.arange(self.num_clients), chosen)
+
+
+def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None] = lambda log: None):
+  """The loop, resuming from `workdir`'s latest checkpoint. Returns `(state, history)`."""
+  cfg = engine.cfg
+  mngr = checkpoint.manager(workdir)
+  state = engine.init_state(jax.random.key(cfg.seed))
+  meta = {"round": 0, "data": {"seed": cfg.seed, "epoch": 0, "step": 0}, "history": [], "bad_evals": 0,
+          "best_mean_valid": float("inf")}
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    _, state, meta = restored
+    logging.info("resumed from %s at round %d", mngr.directory, meta["round"])
+  batch_iter = pipeline.iterate(engine.train_examples, batch_size=cfg.batch_size, state=meta["data"])
+  history = list(meta["history"])
+
+  for r in range(meta["round"], cfg.rounds):
+    start = time.perf_counter()
+    participating = engine.participants(r)
+    batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
+    state, stats = engine.local_training(state, batches, jax.random.fold_in(jax.random.key(cfg.seed), r))
+    losses = stats["loss"]
+    log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(losses).tolist(),
+           "bytes_up": float(np.sum(stats["bytes_up"])), "bytes_down": float(np.sum(stats["bytes_down"])),
+           "local_steps": np.asarray(stats["steps"]).tolist()}
+    if engine.strategy.name == "fellrec":
+      log |= engine.fellrec_diagnostics(state, losses, participating, r)
+    state = engine.aggregate(state, losses, participating, r)
+    if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+      state, valid_loss = engine.validate(state)
+      mean_valid = float(np.average(valid_loss, weights=np.maximum(engine.valid_counts, 1e-9)))
+      log["valid"] = {"loss": valid_loss.tolist(), "mean_loss": mean_valid}
+      improved = mean_valid < meta["best_mean_valid"]
+      meta["best_mean_valid"] = min(mean_valid, meta["best_mean_valid"])
+      meta["bad_evals"] = 0 if improved else meta["bad_evals"] + 1
+    jax.block_until_ready(state)
+    log["seconds"] = time.perf_counter() - start
+    history.append(log)
+    meta |= {"round": r + 1, "history": history}
+    checkpoint.save(mngr, r + 1, state, meta)
+    on_round(log)
+    if cfg.patience is not None and meta["bad_evals"] >= cfg.patience:
+      logging.info("early stop after round %d: no validation improvement in %d evaluations", r, cfg.patience)
+      break
+  return state, history
+
+
+def _tracking(batch_iter, meta: dict):
+  """Yields from `batch_iter` while recording its resume state in `meta["data"]`."""
+  while True:
+    batch, next_state = next(batch_iter)
+    meta["data"] = next_state
+    yield batch, next_state

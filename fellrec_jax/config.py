@@ -1,0 +1,121 @@
+"""The run configuration: one frozen dataclass whose field names are the command-line flag names.
+
+Validation lives here so that a bad value fails with a message naming its flag, whether the config
+comes from `launch.main` or from Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
+MODES = ("train", "prepare")
+
+
+class ConfigError(ValueError):
+  """An unknown, out-of-range or inconsistent setting; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  # what to run
+  mode: str = "train"
+  workdir: str = "workdir"
+  seed: int = 0
+  strategies: tuple[str, ...] = ("fellrec",)
+  # data
+  dataset: str = "synthetic"
+  data_dir: str | None = None
+  split: str | None = None
+  num_clients: int = 5
+  partition: str = "kmeans"
+  mapping_file: str | None = None
+  dirichlet_alpha: float = 0.5
+  history_len: int = 10
+  k_core: int = 5
+  min_rating: float | None = None
+  max_train_samples: int | None = None
+  max_eval_users: int | None = None
+  cutoff_len: int = 512
+  train_on_inputs: bool = False
+  skip_bad_lines: bool = False
+  bpr_steps: int = 2000
+  # model
+  model: str = "tiny-llama"
+  dtype: str = "float32"
+  remat: bool = False
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.05
+  lora_targets: tuple[str, ...] = ("q", "v")
+  # local training
+  rounds: int = 5
+  local_epochs: float = 1.0
+  batch_size: int = 8
+  grad_accum: int = 1
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  client_execution: str = "vmap"
+  client_group_size: int | None = None
+  clients_per_round: int | None = None
+  # split learning
+  split_k: tuple[int, ...] | None = None
+  server_lora: str = "per_client"
+  # strategies
+  fellrec_alpha: float = 0.7
+  fellrec_beta: float = 1.0
+  fellrec_temperature: float = 0.05
+  fellrec_variant: str = "code"
+  fellrec_private_tail: bool = False
+  fedprox_mu: float = 0.01
+  # evaluation and the loop
+  eval_every: int = 1
+  patience: int | None = None
+  eval_batch_size: int = 32
+  # scale-out
+  mesh_clients: int | None = None
+  mesh_model: int = 1
+
+  def __post_init__(self):
+    def need(ok: bool, flag: str, msg: str):
+      if not ok:
+        raise ConfigError(f"--{flag}={getattr(self, flag)!r}: {msg}")
+
+    need(self.mode in MODES, "mode", f"expected one of {MODES}")
+    for s in self.strategies:
+      need(s in STRATEGIES, "strategies", f"unknown strategy {s!r}; expected a subset of {STRATEGIES}")
+    need(len(self.strategies) > 0, "strategies", "name at least one strategy")
+    need(self.num_clients >= 1, "num_clients", "must be >= 1")
+    need(self.rounds >= 1, "rounds", "must be >= 1")
+    need(self.local_epochs > 0, "local_epochs", "must be > 0")
+    need(self.batch_size >= 1, "batch_size", "must be >= 1")
+    need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+    need(self.learning_rate > 0, "learning_rate", "must be > 0")
+    need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(self.client_execution in ("vmap", "sequential"), "client_execution", "expected 'vmap' or 'sequential'")
+    need(self.client_group_size is None or self.client_group_size >= 1, "client_group_size", "must be >= 1")
+    need(self.client_group_size is None or self.client_execution == "vmap", "client_group_size",
+         "client groups apply to --client_execution=vmap only")
+    need(self.clients_per_round is None or 1 <= self.clients_per_round <= self.num_clients, "clients_per_round",
+         f"must be in [1, --num_clients={self.num_clients}]")
+    need(self.split_k is None or len(self.split_k) in (1, self.num_clients), "split_k",
+         f"give one k or one per client (--num_clients={self.num_clients})")
+    need(self.split_k is None or min(self.split_k) >= 0, "split_k", "k must be >= 0")
+    need(self.server_lora in ("per_client", "frozen"), "server_lora", "expected 'per_client' or 'frozen'")
+    need(self.fellrec_variant in ("code", "paper"), "fellrec_variant", "expected 'code' or 'paper'")
+    need(self.fellrec_beta > 0, "fellrec_beta", "must be > 0")
+    need(self.fellrec_temperature > 0, "fellrec_temperature", "must be > 0")
+    need(self.fedprox_mu >= 0, "fedprox_mu", "must be >= 0")
+    need(self.eval_every >= 1, "eval_every", "must be >= 1")
+    need(self.patience is None or self.patience >= 1, "patience", "must be >= 1")
+    need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
+    need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(self.mesh_model >= 1, "mesh_model", "must be >= 1")
+    need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
+
+  def split_for_client(self, c: int) -> int | None:
+    """The cut of client c (None: unsplit)."""
+    if self.split_k is None:
+      return None
+    return self.split_k[0] if len(self.split_k) == 1 else self.split_k[c]

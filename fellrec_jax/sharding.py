@@ -1,0 +1,52 @@
+"""The ('clients', 'model') device mesh and the shardings of per-client and shared state.
+
+Per-client pytrees (leading clients axis) are split over `clients`; shared base weights are split
+over `model` along their largest divisible non-layer axis and replicated over `clients`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+CLIENTS, MODEL = "clients", "model"
+
+
+def make_mesh(clients: int | None = None, model: int = 1) -> jax.sharding.Mesh:
+  """A `(clients, model)` mesh over all devices; `clients=None` takes every device left after `model`."""
+  n = jax.device_count()
+  if model < 1 or n % model:
+    raise ValueError(f"--mesh_model={model} must divide the {n} available devices")
+  clients = clients or n // model
+  if clients * model != n:
+    raise ValueError(f"--mesh_clients={clients} x --mesh_model={model} != {n} devices")
+  return jax.make_mesh((clients, model), (CLIENTS, MODEL),
+                       axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto))
+
+
+def per_client(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  """Shardings splitting each leaf's leading clients axis (replicated when it does not divide)."""
+  size = mesh.shape[CLIENTS]
+  spec = lambda x: P(CLIENTS) if x.ndim and x.shape[0] % size == 0 else P()
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree)
+
+
+def shared(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  """Shardings splitting each leaf's largest non-layer axis that `model` divides (else replicated)."""
+  size = mesh.shape[MODEL]
+
+  def spec(x):
+    first = 1 if x.ndim >= 3 else 0  # keep the stacked layer axis whole so blocks can be sliced
+    axes = [a for a in range(first, x.ndim) if x.shape[a] % size == 0]
+    if size == 1 or not axes:
+      return P()
+    best = max(axes, key=lambda a: x.shape[a])
+    return P(*[MODEL if a == best else None for a in range(x.ndim)])
+
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree)
+
+
+def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)

@@ -1,0 +1,113 @@
+"""Command-line flags: one per `RunConfig` field, same name, with help text and enum checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+from absl import flags
+
+from fellrec_jax.config import MODES, STRATEGIES, ConfigError, RunConfig
+
+HELP = {
+    "mode": "train: run the strategies; prepare: only load/split/partition the data and write data_stats.json.",
+    "workdir": "Output directory (results.json, metrics.jsonl, checkpoints); a run resumes from its checkpoints.",
+    "seed": "Seed for data generation, partition, adapter init, sampling and dropout.",
+    "strategies": f"Comma list of strategies to run on the same data and budget: {','.join(STRATEGIES)}.",
+    "dataset": "synthetic (built-in, no files), movielens, amazon or bigrec_json.",
+    "data_dir": "Directory with the dataset's raw files (not needed for synthetic).",
+    "split": "temporal (global 80/10/10) or loo (leave-one-out); default: the dataset's own default.",
+    "num_clients": "Number of clients the users are partitioned into.",
+    "partition": "User->client partition: kmeans (BPR-MF embeddings, as FELLRec), random, dirichlet, mapping.",
+    "mapping_file": "CSV of user,client for --partition=mapping.",
+    "dirichlet_alpha": "Concentration of the Dirichlet non-IID partition (smaller: more skewed).",
+    "history_len": "Number of most recent items shown as the user's history.",
+    "k_core": "k-core filtering of users and items (0 disables).",
+    "min_rating": "Keep only interactions rated at least this (implicit feedback); default keeps all.",
+    "max_train_samples": "Seeded cap on training windows over all clients (BIGRec used 1024).",
+    "max_eval_users": "Cap on validation/test users per client (for quick runs); default: all.",
+    "cutoff_len": "Maximum tokens per training example.",
+    "train_on_inputs": "Also train on the prompt tokens (BIGRec's released default was true).",
+    "skip_bad_lines": "Skip (and count) malformed input lines instead of failing.",
+    "bpr_steps": "Training steps of the BPR model whose user embeddings KMeans partitions.",
+    "model": "Backbone: tiny-llama, tiny-bert, smollm2-135m, minilm-l6, an HF directory or a .gguf file.",
+    "dtype": "Parameter and compute dtype of the base model (float32, bfloat16).",
+    "remat": "Rematerialise each block in the backward pass (saves activation memory).",
+    "lora_rank": "LoRA rank r.",
+    "lora_alpha": "LoRA alpha (the update is scaled by alpha / r).",
+    "lora_dropout": "Dropout on the LoRA path during training.",
+    "lora_targets": "Comma list of projections that get adapters: q,k,v,o,gate,up,down.",
+    "rounds": "Communication rounds.",
+    "local_epochs": "Local epochs per round over each client's own data (fractions allowed).",
+    "batch_size": "Micro-batch size per client.",
+    "grad_accum": "Micro-batches accumulated per optimizer step.",
+    "learning_rate": "Peak AdamW learning rate.",
+    "warmup_steps": "Linear warmup steps (then linear decay to zero over the run).",
+    "weight_decay": "AdamW decoupled weight decay.",
+    "client_execution": "vmap: all clients in one jitted program; sequential: one client at a time.",
+    "client_group_size": "With vmap, run clients g at a time (lax.map batch_size) to bound memory.",
+    "clients_per_round": "Clients sampled per round (default: all).",
+    "split_k": "U-shaped split: one k for all clients or a comma list with one k per client; "
+               "unset trains the whole model on the client.",
+    "server_lora": "per_client: the server keeps one adapter set per client on its blocks; frozen: none.",
+    "fellrec_alpha": "FELLRec warm-weight alpha.",
+    "fellrec_beta": "FELLRec warm-weight beta (curriculum heating speed).",
+    "fellrec_temperature": "Temperature of the softmax over client losses.",
+    "fellrec_variant": "code: exponent t + 1/beta and the released beta != 1 gate; paper: (t+1)/beta, always on.",
+    "fellrec_private_tail": "Keep the client-tail block's adapters out of aggregation.",
+    "fedprox_mu": "FedProx proximal coefficient mu.",
+    "eval_every": "Validate every this many rounds.",
+    "patience": "Stop after this many validations without improvement of the mean validation loss.",
+    "eval_batch_size": "Batch size for validation and test.",
+    "mesh_clients": "Devices on the mesh's clients axis (default: all devices / mesh_model).",
+    "mesh_model": "Devices on the mesh's model axis (the shared base weights are split over it).",
+}
+
+ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_json"),
+         "split": ("temporal", "loo"), "partition": ("kmeans", "random", "dirichlet", "mapping"),
+         "client_execution": ("vmap", "sequential"), "server_lora": ("per_client", "frozen"),
+         "fellrec_variant": ("code", "paper")}
+
+
+def _base_type(annotation):
+  """`X` of `X | None`, else the annotation itself."""
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    return next(a for a in typing.get_args(annotation) if a is not type(None))
+  return annotation
+
+
+def define_flags() -> None:
+  hints = typing.get_type_hints(RunConfig)
+  for field in dataclasses.fields(RunConfig):
+    name, default, help_text = field.name, field.default, HELP[field.name]
+    kind = _base_type(hints[name])
+    if name in ENUMS:
+      flags.DEFINE_enum(name, default, ENUMS[name], help_text)
+    elif typing.get_origin(kind) is tuple:
+      flags.DEFINE_list(name, None if default is None else [str(x) for x in default], help_text)
+    elif kind is bool:
+      flags.DEFINE_bool(name, default, help_text)
+    elif kind is int:
+      flags.DEFINE_integer(name, default, help_text)
+    elif kind is float:
+      flags.DEFINE_float(name, default, help_text)
+    else:
+      flags.DEFINE_string(name, default, help_text)
+
+
+def config_from_flags(values: flags.FlagValues) -> RunConfig:
+  """The RunConfig of the parsed flags; a list flag with a bad element fails naming the flag."""
+  hints = typing.get_type_hints(RunConfig)
+  kwargs = {}
+  for field in dataclasses.fields(RunConfig):
+    value = values[field.name].value
+    kind = _base_type(hints[field.name])
+    if typing.get_origin(kind) is tuple and value is not None:
+      element = typing.get_args(kind)[0]
+      try:
+        value = tuple(element(v) for v in value)
+      except ValueError as e:
+        raise ConfigError(f"--{field.name}={','.join(value)}: expected a comma list of {element.__name__}") from e
+    kwargs[field.name] = value
+  return RunConfig(**kwargs)
