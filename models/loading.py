@@ -385,8 +385,8 @@ def _gguf_keys(config: ModelConfig) -> KeyMap:
   return keys
 
 
-# GGUF pre-tokenizer names (`tokenizer.ggml.pre`) -> the matching `tokenizers` pre-tokenizer.
 def _gguf_pre_tokenizer(name: str):
+  """The `tokenizers` pre-tokenizer matching a GGUF `tokenizer.ggml.pre` name."""
   from tokenizers import pre_tokenizers
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if name in ("default", "gpt-2"):
