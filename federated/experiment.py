@@ -15,7 +15,9 @@ from absl import logging
 import models
 from fellrec_jax import sharding
 from fellrec_jax.config import ConfigError, RunConfig
-from fellrec_jax.data import pipeline, prepare_dataset
+from fellrec_jax.data import examples, pipeline, prepare_dataset
+from models.tokenizer import pad_rows
+from models.warm_start import fit_causal_lm
 from federated import engine as engine_lib
 from federated import strategies
 
@@ -28,28 +30,31 @@ def prepare(cfg: RunConfig):
       mapping_file=cfg.mapping_file, skip_bad_lines=cfg.skip_bad_lines, bpr_steps=cfg.bpr_steps)
 
 
-def load_model(cfg: RunConfig, corpus: list[str]):
-  """`(model_config, base_params, tokenizer)` with the run's LoRA settings; tiny presets learn a BPE on `corpus`."""
+def load_model(cfg: RunConfig, titles: list[str]):
+  """`(model_config, base_params, tokenizer)` with the run's LoRA settings.
+
+  Tiny presets learn a BPE on the catalogue and the prompt template, and are fitted to the titles
+  (public catalogue text) for `warm_start_steps`.
+  """
   lora = models.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            targets=tuple(cfg.lora_targets))
   tiny = cfg.model in ("tiny-llama", "tiny-bert")
+  corpus = list(titles) + [examples.ALPACA_TEMPLATE]
   config, params, tokenizer = models.load(cfg.model, dtype=cfg.dtype, lora=lora, remat=cfg.remat,
                                           **({"seed": cfg.seed, "corpus": corpus} if tiny else {}))
   if tokenizer is None:
     raise ConfigError(f"--model={cfg.model!r} has no tokenizer files; generative training needs one")
+  if tiny and cfg.warm_start_steps:
+    rows = [([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(f'"{t}"') + [tokenizer.eos_id]
+            for t in titles]
+    ids, mask = pad_rows(rows, tokenizer.pad_id, "right")
+    params, loss = fit_causal_lm(config, params, ids, mask, steps=cfg.warm_start_steps, seed=cfg.seed)
+    logging.info("warm-started %s on %d catalogue titles: loss %.3f", cfg.model, len(titles), loss)
   for k in cfg.split_k or ():
     if k > config.num_layers - 1:
       raise ConfigError(f"--split_k={k} out of range: {cfg.model} has {config.num_layers} blocks, so k <= "
                         f"{config.num_layers - 1}")
   return config, params, tokenizer
-
-
-def _corpus(prep) -> list[str]:
-  from fellrec_jax.data import examples
-  windows = prep.client_windows(0)
-  records = examples.window_records(windows.take(np.arange(min(len(windows), 64))), prep.titles,
-                                    prep.dataset.item_noun)
-  return list(prep.titles) + ["".join(examples.prompt_text(r)) for r in records]
 
 
 def parameter_counts(config: models.ModelConfig, base, k: int | None) -> dict[str, int]:
@@ -126,7 +131,7 @@ def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "data_stats.json").write_text(json.dumps(stats, indent=1))
-  model = load_model(cfg, _corpus(prep))
+  model = load_model(cfg, list(prep.titles))
   out = {}
   for name in cfg.strategies:
     sub = workdir if len(cfg.strategies) == 1 else workdir / name

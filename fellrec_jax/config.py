@@ -44,6 +44,7 @@ class RunConfig:
   model: str = "tiny-llama"
   dtype: str = "float32"
   remat: bool = False
+  warm_start_steps: int = 300
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_dropout: float = 0.05
@@ -112,6 +113,7 @@ class RunConfig:
     need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
     need(self.mesh_model >= 1, "mesh_model", "must be >= 1")
+    need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
 
   def split_for_client(self, c: int) -> int | None:

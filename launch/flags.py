@@ -34,6 +34,8 @@ HELP = {
     "model": "Backbone: tiny-llama, tiny-bert, smollm2-135m, minilm-l6, an HF directory or a .gguf file.",
     "dtype": "Parameter and compute dtype of the base model (float32, bfloat16).",
     "remat": "Rematerialise each block in the backward pass (saves activation memory).",
+    "warm_start_steps": "tiny-llama/tiny-bert only: steps fitting the random base to the public item titles "
+                        "(never to user data) so it can spell titles; 0 keeps it random.",
     "lora_rank": "LoRA rank r.",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r).",
     "lora_dropout": "Dropout on the LoRA path during training.",
