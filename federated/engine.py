@@ -102,20 +102,22 @@ class Engine:
     self.micro_per_round = cfg.grad_accum * max(1, int(np.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum)))
     self.steps_per_round = self.micro_per_round // cfg.grad_accum
     self.tx = make_optimizer(cfg, cfg.rounds * self.steps_per_round)
-    self.base = jax.device_put(self.base, sharding.shared(self.mesh, self.base))
+    self.base = sharding.put(self.base, sharding.shared(self.mesh, self.base))
     self._update_fns: dict[int | None, Callable] = {}
     self._heldout = jax.jit(make_heldout_loss(self.model_config))
     self._aggregate = jax.jit(self._aggregate_impl)
-    self.valid_batches = heldout_batches(self.valid_examples, cfg.eval_batch_size)
+    valid = heldout_batches(self.valid_examples, cfg.eval_batch_size)
+    self.valid_batches = sharding.put(valid, sharding.per_client(self.mesh, valid))
 
   # ------------------------------------------------------------------ state
 
   def init_state(self, rng: jax.Array) -> FedState:
     """Every client starts from the same fresh adapter (B = 0), so FedAvg starts from a common model."""
-    lora = stack_clients(models.init_lora(self.model_config, self.base, rng), self.num_clients)
-    state = FedState(lora=lora, opt_state=jax.vmap(self.tx.init)(lora), best_lora=lora,
+    lora = stack_clients(models.init_lora(self.model_config, sharding.to_host(self.base), rng), self.num_clients)
+    opt_state = jax.vmap(self.tx.init)(lora)
+    state = FedState(lora=lora, opt_state=opt_state, best_lora=lora,
                      best_valid_loss=jnp.full((self.num_clients,), jnp.inf))
-    return jax.device_put(state, sharding.per_client(self.mesh, state))
+    return sharding.put(state, sharding.per_client(self.mesh, state))
 
   # ------------------------------------------------------------------ local training
 
@@ -129,13 +131,18 @@ class Engine:
 
   def local_training(self, state: FedState, batches: dict[str, np.ndarray], rng: jax.Array):
     """Runs every client's local round, grouping clients that share a cut k. Returns (state, stats [C])."""
-    keys = jax.random.split(rng, self.num_clients)
+    keys = jax.random.key_data(jax.random.split(rng, self.num_clients))
+    batches = sharding.put(batches, sharding.per_client(self.mesh, batches))
+    keys = sharding.put(keys, sharding.per_client(self.mesh, keys))
+    if len(set(self.cuts)) == 1:  # the common case: one program over all clients, no regrouping
+      lora, opt_state, stats = self._update_fn(self.cuts[0], self.num_clients)(
+          self.base, state.lora, state.opt_state, batches, jax.random.wrap_key_data(keys))
+      return state.replace(lora=lora, opt_state=opt_state), stats
     lora, opt_state, stats = state.lora, state.opt_state, None
     for k in sorted(set(self.cuts), key=lambda x: -1 if x is None else x):
       idx = np.asarray([c for c in range(self.num_clients) if self.cuts[c] == k])
       take = lambda tree: jax.tree.map(lambda x: x[idx], tree)
-      group = (take(lora), take(opt_state), jax.tree.map(lambda x: jnp.asarray(x[idx]), batches), keys[idx])
-      group = jax.device_put(group, sharding.per_client(self.mesh, group))
+      group = (take(lora), take(opt_state), take(batches), jax.random.wrap_key_data(keys[idx]))
       new_lora, new_opt, group_stats = self._update_fn(k, len(idx))(self.base, *group)
       put = lambda full, part: jax.tree.map(lambda f, p: f.at[idx].set(p), full, part)
       lora, opt_state = put(lora, new_lora), put(opt_state, new_opt)
@@ -171,6 +178,7 @@ class Engine:
   def validate(self, state: FedState) -> tuple[FedState, np.ndarray]:
     """Held-out loss of each client's current adapter; keeps each client's best adapter."""
     loss, _ = self._heldout(self.base, state.lora, self.valid_batches)
+    loss = jnp.asarray(sharding.to_host(loss))
     improved = loss < state.best_valid_loss
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o),
                                          new, old)
@@ -205,6 +213,7 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     participating = engine.participants(r)
     batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
     state, stats = engine.local_training(state, batches, jax.random.fold_in(jax.random.key(cfg.seed), r))
+    stats = sharding.to_host(stats)
     losses = stats["loss"]
     log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(losses).tolist(),
            "bytes_up": float(np.sum(stats["bytes_up"])), "bytes_down": float(np.sum(stats["bytes_down"])),

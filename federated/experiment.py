@@ -75,8 +75,8 @@ def balance(values: list[float]) -> dict[str, float]:
           "cv": float(v.std() / mean) if mean else 0.0}
 
 
-def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path) -> dict[str, Any]:
-  """Trains one strategy and returns its results dict (also written to `workdir/results.json`)."""
+def build_engine(cfg: RunConfig, name: str, prep, model) -> tuple[engine_lib.Engine, list]:
+  """The engine of strategy `name` and the per-client test examples (centralized: one training client)."""
   config, base, tokenizer = model
   tok_kwargs = dict(cutoff=cfg.cutoff_len)
   train_prep = prep
@@ -87,13 +87,18 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path) -> dict[
   valid_examples = pipeline.heldout_clients(train_prep, tokenizer, "valid", max_users=cfg.max_eval_users,
                                             **tok_kwargs)
   test_examples = pipeline.heldout_clients(prep, tokenizer, "test", max_users=cfg.max_eval_users, **tok_kwargs)
-  num_train = len(train_examples)
-  cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(num_train)]
+  cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(len(train_examples))]
   strategy = strategies.make_strategy(
       name, fellrec_alpha=cfg.fellrec_alpha, fellrec_beta=cfg.fellrec_beta,
       fellrec_temperature=cfg.fellrec_temperature, fellrec_variant=cfg.fellrec_variant, fedprox_mu=cfg.fedprox_mu)
   mesh = sharding.make_mesh(cfg.mesh_clients, cfg.mesh_model)
-  eng = engine_lib.Engine(cfg, config, base, train_examples, valid_examples, strategy, mesh, cuts)
+  return engine_lib.Engine(cfg, config, base, train_examples, valid_examples, strategy, mesh, cuts), test_examples
+
+
+def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path) -> dict[str, Any]:
+  """Trains one strategy and returns its results dict (also written to `workdir/results.json`)."""
+  config, base, _ = model
+  eng, test_examples = build_engine(cfg, name, prep, model)
   workdir.mkdir(parents=True, exist_ok=True)
 
   def on_round(log):
@@ -113,7 +118,7 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path) -> dict[
   test_users = np.asarray([len(ex) for ex in test_examples], np.float64)
   per_client = [{"loss": float(l), "test_users": int(n)} for l, n in zip(np.asarray(test_loss), test_users)]
   seconds = [log["seconds"] for log in history]
-  resources = parameter_counts(config, base, cuts[0]) | {
+  resources = parameter_counts(config, base, eng.cuts[0]) | {
       "bytes_up": float(sum(log["bytes_up"] for log in history)),
       "bytes_down": float(sum(log["bytes_down"] for log in history)),
       "seconds_per_round": statistics.median(seconds[1:] or seconds)}

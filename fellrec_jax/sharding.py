@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 CLIENTS, MODEL = "clients", "model"
@@ -50,3 +52,24 @@ def shared(mesh: jax.sharding.Mesh, tree: Any) -> Any:
 
 def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+  """Host values -> global arrays laid out by `shardings`.
+
+  Every process passes the same full values (our data and init are deterministic), and each fills
+  only its addressable shards, so this works unchanged on one host and on many.
+  """
+  def one(x, s):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays -> full NumPy values on every process."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
