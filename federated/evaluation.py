@@ -1,0 +1,326 @@
+"""Held-out ranking evaluation of per-client adapters: BIGRec generation + grounding, and scoring every item.
+
+Every evaluation runs client by client over `prep.eval_examples(c, part)` (the users with a `part` target,
+the first `max_users` of each client), ranks the whole catalogue for each user and returns
+`fellrec_jax.metrics.summarize`'s `{"overall", "clients", "balance"}`.
+
+Text representation (`text_representations`, the base model WITHOUT LoRA for items and generations):
+  decoder: ids `[bos] + encode(text)` (as training tokenizes), left-padded; the last layer's hidden state
+    after the final norm at the last real token (BIGRec's `hidden_states[-1][:, -1]`);
+  encoder: the tokenizer's own `[CLS] ... [SEP]`, right-padded (absolute positions); the mean over real
+    tokens of the last hidden states (sentence-transformers pooling).
+  Items are embedded from their bare titles and generations with quotes stripped (the released
+  evaluation), although responses are trained as `"Title"`: both sides unquoted, so a generation equal
+  to a title has that title's embedding.
+
+Generative (BIGRec): the client's adapter beam-searches a response to each prompt (`[bos] + encode(prompt)`,
+the prompt ending in "### Response:\n"); the response is decoded up to eos and stripped of whitespace and
+double quotes; items are ranked by L2 distance between its embedding and every item embedding. A response
+that is exactly a title takes that title's cached embedding instead of a re-embedding that could differ
+in the last bits, so it grounds to that item at distance exactly 0.
+
+Discriminative: the user is the client-adapted representation of the same prompt text; items score
+`user · item` against the base-model item embeddings.
+
+Excluded items (never ranked, as the released "history" mask of train+valid items): the user's eval
+history from the windows, their whole training sequence `prep.split.train[u]`, and for "test" also
+their validation targets.
+
+Shapes are fixed per evaluation (batch B, width a multiple of 16 over all clients' prompts; the last
+batch of a client is padded with copies of its first row), so generation compiles once per call shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from fellrec_jax import metrics
+from fellrec_jax.data import PreparedData, examples
+from models import transformer as tfm
+from models.tokenizer import Tokenizer, pad_rows
+
+PAD_MULTIPLE = 16
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def _round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def text_rows(config: models.ModelConfig, tokenizer: Tokenizer, texts: Sequence[str], max_len: int
+              ) -> list[list[int]]:
+  """Token ids per text (see the module docstring), the oldest tokens dropped beyond `max_len`."""
+  if config.is_decoder:
+    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    room = max_len - len(head)
+    return [head + (ids[len(ids) - room:] if len(ids) > room else ids) for ids in map(tokenizer.encode, texts)]
+  backend = tokenizer.backend
+  rows = []
+  for text in texts:
+    enc = backend.encode(text, add_special_tokens=False)
+    enc.truncate(max_len - backend.num_special_tokens_to_add(False), direction="left")
+    rows.append(backend.post_process(enc).ids)
+  return rows
+
+
+def _pad_batch(config: models.ModelConfig, rows: Sequence[Sequence[int]], pad_id: int, width: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """`(ids [B, width], mask [B, width])`: left-padded for decoders (last column = last token), right for
+  encoders."""
+  side = "left" if config.is_decoder else "right"
+  ids, mask = pad_rows(rows, pad_id, side)
+  extra = width - ids.shape[1]
+  spec = ((0, 0), (extra, 0)) if side == "left" else ((0, 0), (0, extra))
+  return np.pad(ids, spec, constant_values=pad_id), np.pad(mask, spec)
+
+
+def _batch_indices(n: int, batch_size: int) -> list[np.ndarray]:
+  """Index arrays of length `batch_size` covering range(n); the last one is filled with index 0 (a real
+  row, so padded generation rows finish when real ones do). Callers keep the first n results."""
+  return [np.pad(np.arange(s, min(s + batch_size, n)), (0, max(0, s + batch_size - n)))
+          for s in range(0, n, batch_size)]
+
+
+# ----------------------------------------------------------------------------- representations
+
+@functools.partial(jax.jit, static_argnames="config")
+def text_representations(config: models.ModelConfig, base: tfm.Params, ids_bt: jax.Array, mask_bt: jax.Array,
+                         lora: tfm.Params | None = None) -> jax.Array:
+  """`[B, D]` float32: the decoder's final-norm hidden state of the last column (inputs left-padded) or
+  the encoder's mean-pooled last hidden states (inputs right-padded)."""
+  x_btd = tfm.embed(config, base, ids_bt)
+  x_btd = tfm.run_blocks(config, base["blocks"], x_btd, mask_bt, lora_blocks=None if lora is None else lora["blocks"])
+  x_btd = tfm.final_norm(config, base, x_btd)
+  rep_bd = x_btd[:, -1] if config.is_decoder else tfm.mean_pool(x_btd, mask_bt)
+  return rep_bd.astype(jnp.float32)
+
+
+def embed_texts(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, texts: Sequence[str], *,
+                lora: tfm.Params | None = None, batch_size: int = 256, width: int | None = None) -> np.ndarray:
+  """`[N, D]` float32 `text_representations` of `texts` in `[min(batch_size, N), width]` batches (`width`
+  defaults to the longest row rounded up to 16; pass it to keep shapes fixed across calls)."""
+  rows = text_rows(config, tokenizer, texts, config.max_positions)
+  width = max(width or 0, _round_up(max((len(r) for r in rows), default=1)))
+  out = []
+  for idx in _batch_indices(len(rows), max(1, min(batch_size, len(rows)))):
+    ids, mask = _pad_batch(config, [rows[i] for i in idx], tokenizer.pad_id, width)
+    out.append(np.asarray(text_representations(config, base, ids, mask, lora)))
+  return np.concatenate(out)[:len(rows)] if out else np.zeros((0, config.hidden_size), np.float32)
+
+
+def item_embeddings(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, titles: Sequence[str], *,
+                    batch_size: int = 256) -> np.ndarray:
+  """`[I, D]` base-model (no LoRA) embeddings of the bare titles. Compute once per base model and pass
+  them as `item_emb=` to every evaluation."""
+  return embed_texts(config, base, tokenizer, titles, batch_size=batch_size)
+
+
+@jax.jit
+def squared_distances(query_bd: jax.Array, items_id: jax.Array) -> jax.Array:
+  """`[B, I]` squared L2 distances, as sums of squared differences (exactly 0 for equal vectors, unlike
+  the |a|^2 + |b|^2 - 2ab expansion)."""
+  return jnp.sum(jnp.square(query_bd[:, None, :] - items_id[None, :, :]), axis=-1)
+
+
+# ----------------------------------------------------------------------------- per-client inputs
+
+def excluded_items(prep: PreparedData, windows: examples.Windows, part: str) -> list[np.ndarray]:
+  """Per evaluated user: eval history ∪ training sequence (∪ validation targets for "test")."""
+  sp = prep.split
+  out = []
+  for u, hist, mask in zip(windows.user, windows.history, windows.history_mask):
+    parts = [hist[mask > 0], sp.train[u]] + ([sp.valid_targets[u]] if part == "test" else [])
+    out.append(np.unique(np.concatenate([np.asarray(p, np.int64) for p in parts])))
+  return out
+
+
+def _prompts(prep: PreparedData, windows: examples.Windows) -> list[str]:
+  return [examples.prompt_text(r)[0] for r in examples.window_records(windows, prep.titles, prep.dataset.item_noun)]
+
+
+def _all_clients(prep: PreparedData, part: str, max_users: int | None
+                 ) -> list[tuple[examples.Windows, list[np.ndarray], list[np.ndarray]]]:
+  """Per client, its first `max_users` evaluated users' `(windows, targets, excluded items)`."""
+  out = []
+  for c in range(prep.num_clients):
+    windows, targets = prep.eval_examples(c, part)
+    windows = windows.take(np.arange(len(windows))[:max_users])
+    out.append((windows, targets[:len(windows)], excluded_items(prep, windows, part)))
+  return out
+
+
+def _client_lora(lora_c: tfm.Params | None, c: int) -> tfm.Params | None:
+  return None if lora_c is None else jax.tree.map(lambda x: x[c], lora_c)
+
+
+def _check_clients(prep: PreparedData, lora_c: tfm.Params | None) -> None:
+  if lora_c is None:
+    return
+  lead = {x.shape[0] for x in jax.tree.leaves(lora_c)}
+  if lead != {prep.num_clients}:
+    raise ValueError(f"lora_c must carry a leading clients axis of {prep.num_clients}, got {sorted(lead)}")
+
+
+# ----------------------------------------------------------------------------- generative
+
+def clean_response(text: str) -> str:
+  """A generated response as a title: surrounding whitespace and double quotes removed."""
+  return text.strip().strip('"').strip()
+
+
+def generate_responses(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, lora: tfm.Params | None,
+                       ids_bt: np.ndarray, mask_bt: np.ndarray, *, num_beams: int, max_new_tokens: int) -> list[str]:
+  """Cleaned best-beam responses `[B]` to left-padded prompts `[B, T]`."""
+  tokens_bn, _ = models.beam_search(config, base, ids_bt, mask_bt, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, lora=lora)
+  out = []
+  for row in np.asarray(tokens_bn):
+    if tokenizer.eos_id is not None and (row == tokenizer.eos_id).any():
+      row = row[:np.argmax(row == tokenizer.eos_id)]
+    out.append(clean_response(tokenizer.decode(row)))
+  return out
+
+
+def ground(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, texts: Sequence[str],
+           item_emb: np.ndarray, titles: Sequence[str], exclude_bi: np.ndarray, k: int, *, width: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Nearest non-excluded items to each of B texts: `(ids [B, k'] int32 (-1: none), L2 distances [B, k'])`,
+  k' = min(k, I).
+
+  Args:
+    texts: B cleaned responses, embedded in one `[B, width]` batch. item_emb: `[I, D]` from
+      `item_embeddings(titles)`. exclude_bi: `[B, I]` bool.
+  """
+  emb_bd = embed_texts(config, base, tokenizer, texts, batch_size=len(texts), width=width)
+  index = {t: i for i, t in reversed(list(enumerate(titles)))}  # the first item of a repeated title
+  for b, text in enumerate(texts):
+    if text in index:
+      emb_bd[b] = item_emb[index[text]]
+  ids_bk, neg_d2_bk = metrics.top_k(-squared_distances(emb_bd, item_emb), exclude_bi, min(k, item_emb.shape[0]))
+  return np.asarray(ids_bk), np.sqrt(np.maximum(-np.asarray(neg_d2_bk), 0.0))
+
+
+RankBatch = Callable[[tfm.Params | None, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Params | None, prep: PreparedData,
+              part: str, *, ks: Sequence[int], batch_size: int, max_users: int | None, max_prompt_len: int,
+              rank_batch: RankBatch) -> dict:
+  """Runs `rank_batch(lora, ids [B, T], mask [B, T], exclude [B, I]) -> ranked [B, K]` over every client's
+  prompts in fixed-shape batches (T over all clients, B = min(batch_size, largest client)) and summarizes."""
+  _check_clients(prep, lora_c)
+  clients = _all_clients(prep, part, max_users)
+  rows = [text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
+  width = _round_up(max((len(r) for rs in rows for r in rs), default=1))
+  batch = max(1, min(batch_size, max(len(rs) for rs in rows)))
+  per_client = []
+  for c, ((_, targets, excluded), client_rows) in enumerate(zip(clients, rows)):
+    if not client_rows:
+      per_client.append({})
+      continue
+    lora = _client_lora(lora_c, c)
+    exclude_ui = metrics.exclusion_mask(excluded, len(prep.titles))
+    ranked = [rank_batch(lora, *_pad_batch(config, [client_rows[i] for i in idx], tokenizer.pad_id, width),
+                         exclude_ui[idx])
+              for idx in _batch_indices(len(client_rows), batch)]
+    per_client.append(metrics.user_metrics(np.concatenate(ranked)[:len(client_rows)], targets, ks))
+  return metrics.summarize(per_client)
+
+
+def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,
+                        lora_c: tfm.Params | None, prep: PreparedData, part: str, *,
+                        ks: Sequence[int] = metrics.DEFAULT_KS, num_beams: int = 4, max_new_tokens: int = 32,
+                        batch_size: int = 64, max_users: int | None = None, item_emb: np.ndarray | None = None
+                        ) -> dict:
+  """BIGRec evaluation of each client's adapter on its own users (see the module docstring).
+
+  Args:
+    lora_c: adapters with a leading clients axis C (client c uses `x[c]`), or None for the base model.
+    part: "valid" or "test".
+    max_users: evaluate only each client's first users.
+    item_emb: `[I, D]` from `item_embeddings`, computed here when None.
+  Returns:
+    `{"overall": {metric, "test_users"}, "clients": [{metric, "test_users"}], "balance": {metric: {std,
+    min, max, range, cv}}}` for metrics recall/ndcg/hr @ ks ("test_users" counts the `part` users).
+  """
+  if not config.is_decoder:
+    raise ValueError("generative evaluation needs a decoder; use evaluate_discriminative for encoders")
+  if item_emb is None:
+    item_emb = item_embeddings(config, base, tokenizer, prep.titles)
+  # Re-encoded responses rarely exceed the generated tokens; a fixed width keeps one compiled shape.
+  response_width = _round_up(max_new_tokens + 1)
+
+  def rank_batch(lora, ids_bt, mask_bt, exclude_bi):
+    texts = generate_responses(config, base, tokenizer, lora, ids_bt, mask_bt, num_beams=num_beams,
+                               max_new_tokens=max_new_tokens)
+    return ground(config, base, tokenizer, texts, item_emb, prep.titles, exclude_bi, max(ks), width=response_width)[0]
+
+  return _evaluate(config, tokenizer, lora_c, prep, part, ks=ks, batch_size=batch_size, max_users=max_users,
+                   max_prompt_len=config.max_positions - max_new_tokens, rank_batch=rank_batch)
+
+
+# ----------------------------------------------------------------------------- discriminative
+
+@jax.jit
+def score_items(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
+  """`[B, I]` scores `user · item` (the discriminative logits before any temperature)."""
+  return user_bd @ items_id.T
+
+
+def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,
+                            lora_c: tfm.Params | None, prep: PreparedData, part: str, *,
+                            ks: Sequence[int] = metrics.DEFAULT_KS, batch_size: int = 64,
+                            max_users: int | None = None, item_emb: np.ndarray | None = None) -> dict:
+  """Scores every item for each user: client-adapted `text_representations` of the prompt · base-model
+  item embeddings; excluded items masked. Arguments and result as `evaluate_generative`."""
+  if item_emb is None:
+    item_emb = item_embeddings(config, base, tokenizer, prep.titles)
+  items_id = jnp.asarray(item_emb)
+  k = min(max(ks), item_emb.shape[0])
+
+  def rank_batch(lora, ids_bt, mask_bt, exclude_bi):
+    scores_bi = score_items(text_representations(config, base, ids_bt, mask_bt, lora), items_id)
+    return np.asarray(metrics.top_k(scores_bi, exclude_bi, k)[0])
+
+  return _evaluate(config, tokenizer, lora_c, prep, part, ks=ks, batch_size=batch_size, max_users=max_users,
+                   max_prompt_len=config.max_positions, rank_batch=rank_batch)
+
+
+# ----------------------------------------------------------------------------- floors
+
+def popularity_baseline(prep: PreparedData, part: str, ks: Sequence[int] = metrics.DEFAULT_KS, *,
+                        max_users: int | None = None) -> dict:
+  """Most-popular items (training interaction counts over all users) with the same exclusions; the
+  floor every LLM strategy should clear. Result as `evaluate_generative`."""
+  pop = metrics.popularity(prep.split.train, len(prep.titles))
+  k = min(max(ks), len(prep.titles))
+  per_client = []
+  for windows, targets, excluded in _all_clients(prep, part, max_users):
+    if not len(windows):
+      per_client.append({})
+      continue
+    exclude_ui = metrics.exclusion_mask(excluded, len(prep.titles))
+    ranked, _ = metrics.top_k(np.broadcast_to(pop, exclude_ui.shape), exclude_ui, k)
+    per_client.append(metrics.user_metrics(np.asarray(ranked), targets, ks))
+  return metrics.summarize(per_client)
+
+
+def random_baseline(prep: PreparedData, part: str, ks: Sequence[int] = metrics.DEFAULT_KS, *,
+                    max_users: int | None = None) -> dict:
+  """The expected metrics of a uniformly random ranking with the same exclusions. Result as
+  `evaluate_generative`."""
+  num_items = len(prep.titles)
+  per_client = []
+  for _, targets, excluded in _all_clients(prep, part, max_users):
+    gts = [np.unique(t) for t in targets]
+    per_client.append(metrics.random_user_metrics(
+        np.asarray([num_items - len(ex) for ex in excluded]), np.asarray([len(gt) for gt in gts]),
+        np.asarray([len(np.setdiff1d(gt, ex)) for gt, ex in zip(gts, excluded)]), ks) if gts else {})
+  return metrics.summarize(per_client)
