@@ -167,11 +167,11 @@ class Engine:
 
   def fellrec_diagnostics(self, state: FedState, losses, participating, round_index: int) -> dict:
     """The similarity matrix and warm weights FELLRec would use this round (for the logs)."""
-    _, s, w = strategies.fellrec_weights(
-        state.lora, losses, round_index, alpha=self.cfg.fellrec_alpha, beta=self.cfg.fellrec_beta,
+    _, s, w = sharding.to_host(strategies.fellrec_weights(
+        state.lora, jnp.asarray(losses), round_index, alpha=self.cfg.fellrec_alpha, beta=self.cfg.fellrec_beta,
         temperature=self.cfg.fellrec_temperature, variant=self.cfg.fellrec_variant,
-        participating_c=jnp.asarray(participating))
-    return {"similarity": np.asarray(s).round(4).tolist(), "warm_weights": np.asarray(w).round(4).tolist()}
+        participating_c=jnp.asarray(participating)))
+    return {"similarity": s.round(4).tolist(), "warm_weights": w.round(4).tolist()}
 
   # ------------------------------------------------------------------ validation
 
