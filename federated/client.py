@@ -33,11 +33,13 @@ class LocalSpec:
 
   split_k: None trains the unsplit model; an int runs the real U-shaped split at block k.
   server_lora: "per_client" (server blocks carry this client's adapters) or "frozen" (no server adapters).
+  hidden: the loss sees final hidden states `[B, T, D]` instead of logits (discriminative training).
   """
 
   config: ModelConfig
   split_k: int | None = None
   server_lora: str = "per_client"
+  hidden: bool = False
 
   def __post_init__(self):
     if self.server_lora not in ("per_client", "frozen"):
@@ -50,6 +52,29 @@ def generative_loss(logits_btv: jax.Array, batch: Batch) -> tuple[jax.Array, jax
   mask = batch["loss_mask"] * batch["example_mask"][..., None]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), targets_bt)
   return jnp.sum(nll * mask), jnp.sum(mask).astype(jnp.float32)
+
+
+def cosine_scores(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
+  """Cosine similarities `[B, I]`: the score the discriminative evaluation ranks by."""
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  return unit(user_bd) @ unit(items_id).T
+
+
+def discriminative_loss(config: ModelConfig, item_emb_id: jax.Array, temperature: float = 0.05):
+  """Full-softmax cross-entropy over every item: `cos(user, item) / temperature` (RecFormer) against the target.
+
+  The user is the last column's hidden state (decoders; prompts left-padded) or the mean over real tokens
+  (encoders), as `federated.evaluation.text_representations`. Batch: input_ids, attention_mask [B, T],
+  target [B], example_mask [B]. Returns `(loss_sum, examples)`.
+  """
+  def loss(hidden_btd, batch):
+    h = hidden_btd.astype(jnp.float32)
+    user_bd = h[:, -1] if config.is_decoder else models.mean_pool(h, batch["attention_mask"])
+    logits_bi = cosine_scores(user_bd, item_emb_id.astype(jnp.float32)) / temperature
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits_bi, batch["target"])
+    mask = batch["example_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+  return loss
 
 
 def _concat_layers(*trees):
@@ -77,7 +102,7 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
     act_down, frozen_vjp = jax.vjp(lambda a: models.server_body(cfg, body, a, mask), act_up)
     body_vjp = lambda g: (jax.tree.map(jnp.zeros_like, lora_body), *frozen_vjp(g))
   loss_sum, tail_vjp, count = jax.vjp(
-      lambda lt, a: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2]), batch),
+      lambda lt, a: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2], hidden=spec.hidden), batch),
       lora_tail, act_down, has_aux=True)
 
   grad_tail, grad_down = tail_vjp(jnp.ones_like(loss_sum))
@@ -91,8 +116,9 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
 def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
   """Same contract as `split_value_and_grad` for the whole model in one place (no traffic)."""
   def loss(lp):
-    logits = models.apply(spec.config, base, batch["input_ids"], batch["attention_mask"], lora=lp, rng=rng)
-    return loss_fn(logits, batch)
+    out = models.apply(spec.config, base, batch["input_ids"], batch["attention_mask"], lora=lp, rng=rng,
+                       hidden=spec.hidden)
+    return loss_fn(out, batch)
   (loss_sum, count), grads = jax.value_and_grad(loss, has_aux=True)(lora)
   return loss_sum, count, grads, {"up": 0, "down": 0}
 

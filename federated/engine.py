@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 
 import models
@@ -62,18 +63,18 @@ def round_batches(batch_iter, num_micro: int, grad_accum: int, participating: np
   return out
 
 
-def heldout_batches(examples: Sequence[pipeline.TokenizedExamples], batch_size: int) -> dict[str, np.ndarray]:
+def heldout_batches(examples: Sequence[pipeline.ClientExamples], batch_size: int) -> dict[str, np.ndarray]:
   """All held-out examples of every client as `[C, S, B, T]` (fixed order)."""
   steps = list(pipeline.epoch_batches(examples, batch_size=batch_size, seed=0, epoch=0))
   return {k: np.stack([s[k] for s in steps], axis=1) for k in steps[0]}
 
 
-def make_heldout_loss(config: models.ModelConfig):
-  """`(base, lora_c, batches [C, S, B, T]) -> (mean token loss [C], tokens [C])` of each client's own adapter."""
+def make_heldout_loss(config: models.ModelConfig, loss_fn=client.generative_loss, hidden: bool = False):
+  """`(base, lora_c, batches [C, S, ...]) -> (mean loss [C], count [C])` of each client's own adapter."""
   def one_client(base, lora, batches):
     def step(acc, batch):
-      logits = models.apply(config, base, batch["input_ids"], batch["attention_mask"], lora=lora)
-      loss_sum, count = client.generative_loss(logits, batch)
+      out = models.apply(config, base, batch["input_ids"], batch["attention_mask"], lora=lora, hidden=hidden)
+      loss_sum, count = loss_fn(out, batch)
       return (acc[0] + loss_sum, acc[1] + count), None
     (loss_sum, count), _ = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), batches)
     return loss_sum / jnp.maximum(count, 1.0), count
@@ -87,11 +88,13 @@ class Engine:
   cfg: RunConfig
   model_config: models.ModelConfig
   base: PyTree
-  train_examples: Sequence[pipeline.TokenizedExamples]
-  valid_examples: Sequence[pipeline.TokenizedExamples]
+  train_examples: Sequence[pipeline.ClientExamples]
+  valid_examples: Sequence[pipeline.ClientExamples]
   strategy: strategies.Strategy
   mesh: jax.sharding.Mesh
   cuts: Sequence[int | None]  # each training client's split k (None: unsplit)
+  loss_fn: Callable = client.generative_loss  # (model outputs, batch) -> (loss sum, count)
+  hidden: bool = False  # the loss takes final hidden states rather than logits
 
   def __post_init__(self):
     cfg, C = self.cfg, len(self.train_examples)
@@ -104,7 +107,7 @@ class Engine:
     self.tx = make_optimizer(cfg, cfg.rounds * self.steps_per_round)
     self.base = sharding.put(self.base, sharding.shared(self.mesh, self.base))
     self._update_fns: dict[int | None, Callable] = {}
-    self._heldout = jax.jit(make_heldout_loss(self.model_config))
+    self._heldout = jax.jit(make_heldout_loss(self.model_config, self.loss_fn, self.hidden))
     self._aggregate = jax.jit(self._aggregate_impl)
     valid = heldout_batches(self.valid_examples, cfg.eval_batch_size)
     self.valid_batches = sharding.put(valid, sharding.per_client(self.mesh, valid))
@@ -123,8 +126,8 @@ class Engine:
 
   def _update_fn(self, k: int | None, num_clients: int) -> Callable:
     if (k, num_clients) not in self._update_fns:
-      spec = client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora)
-      local = client.make_local_update(spec, self.tx, self.strategy.local_penalty)
+      spec = client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora, hidden=self.hidden)
+      local = client.make_local_update(spec, self.tx, self.strategy.local_penalty, self.loss_fn)
       run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size)
       self._update_fns[(k, num_clients)] = run if self.cfg.client_execution == "sequential" else jax.jit(run)
     return self._update_fns[(k, num_clients)]
@@ -194,8 +197,12 @@ class Engine:
     return np.isin(np.arange(self.num_clients), chosen)
 
 
-def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None] = lambda log: None):
-  """The loop, resuming from `workdir`'s latest checkpoint. Returns `(state, history)`."""
+def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None] = lambda log: None,
+               progress: str | None = None):
+  """The loop, resuming from `workdir`'s latest checkpoint. Returns `(state, history)`.
+
+  `progress` names a progress bar over rounds (shown on the main process only).
+  """
   cfg = engine.cfg
   mngr = checkpoint.manager(workdir)
   state = engine.init_state(jax.random.key(cfg.seed))
@@ -208,6 +215,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
   batch_iter = pipeline.iterate(engine.train_examples, batch_size=cfg.batch_size, state=meta["data"])
   history = list(meta["history"])
 
+  bar = tqdm.tqdm(total=cfg.rounds, initial=meta["round"], desc=progress, unit="round",
+                  disable=progress is None or jax.process_index() != 0)
   for r in range(meta["round"], cfg.rounds):
     start = time.perf_counter()
     participating = engine.participants(r)
@@ -234,9 +243,12 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     meta |= {"round": r + 1, "history": history}
     checkpoint.save(mngr, r + 1, state, meta)
     on_round(log)
+    bar.update()
+    bar.set_postfix(train_loss=f"{np.mean(log['train_loss']):.3f}")
     if cfg.patience is not None and meta["bad_evals"] >= cfg.patience:
       logging.info("early stop after round %d: no validation improvement in %d evaluations", r, cfg.patience)
       break
+  bar.close()
   return state, history
 
 

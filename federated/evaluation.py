@@ -20,7 +20,7 @@ that is exactly a title takes that title's cached embedding instead of a re-embe
 in the last bits, so it grounds to that item at distance exactly 0.
 
 Discriminative: the user is the client-adapted representation of the same prompt text; items score
-`user · item` against the base-model item embeddings.
+by cosine similarity with the base-model item embeddings (RecFormer).
 
 Excluded items (never ranked, as the released "history" mask of train+valid items): the user's eval
 history from the windows, their whole training sequence `prep.split.train[u]`, and for "test" also
@@ -42,6 +42,7 @@ import numpy as np
 import models
 from fellrec_jax import metrics
 from fellrec_jax.data import PreparedData, examples
+from federated import client
 from models import transformer as tfm
 from models.tokenizer import Tokenizer, pad_rows
 
@@ -270,8 +271,9 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
 
 @jax.jit
 def score_items(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
-  """`[B, I]` scores `user · item` (the discriminative logits before any temperature)."""
-  return user_bd @ items_id.T
+  """`[B, I]` cosine similarities `user · item / (|user| |item|)`, RecFormer's score (training divides it
+  by a temperature; the ranking does not depend on it)."""
+  return client.cosine_scores(user_bd, items_id)
 
 
 def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,

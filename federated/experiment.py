@@ -1,4 +1,4 @@
-"""One experiment: data -> model -> federated rounds per strategy -> test evaluation -> results.json."""
+"""One experiment: data -> model -> federated rounds per strategy -> ranking evaluation -> results.json."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import numpy as np
 from absl import logging
 
 import models
-from fellrec_jax import sharding
+from fellrec_jax import report, sharding
 from fellrec_jax.config import ConfigError, RunConfig
 from fellrec_jax.data import examples, pipeline, prepare_dataset
+from federated import client, evaluation, strategies
+from federated import engine as engine_lib
 from models.tokenizer import pad_rows
 from models.warm_start import fit_causal_lm
-from federated import engine as engine_lib
-from federated import strategies
 
 
 def prepare(cfg: RunConfig):
@@ -33,8 +33,8 @@ def prepare(cfg: RunConfig):
 def load_model(cfg: RunConfig, titles: list[str]):
   """`(model_config, base_params, tokenizer)` with the run's LoRA settings.
 
-  Tiny presets learn a BPE on the catalogue and the prompt template, and are fitted to the titles
-  (public catalogue text) for `warm_start_steps`.
+  Tiny presets learn a BPE on the catalogue and the prompt template; tiny-llama is then fitted to the
+  titles (public catalogue text) for `warm_start_steps`.
   """
   lora = models.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            targets=tuple(cfg.lora_targets))
@@ -43,19 +43,80 @@ def load_model(cfg: RunConfig, titles: list[str]):
   config, params, tokenizer = models.load(cfg.model, dtype=cfg.dtype, lora=lora, remat=cfg.remat,
                                           **({"seed": cfg.seed, "corpus": corpus} if tiny else {}))
   if tokenizer is None:
-    raise ConfigError(f"--model={cfg.model!r} has no tokenizer files; generative training needs one")
-  if tiny and cfg.warm_start_steps:
+    raise ConfigError(f"--model={cfg.model!r} has no tokenizer files; training needs one")
+  if not config.is_decoder and cfg.task == "generative":
+    raise ConfigError(f"--task=generative needs a decoder, but --model={cfg.model!r} is an encoder: "
+                      "use --task=discriminative")
+  for k in cfg.split_k or ():
+    if k > config.num_layers - 1:
+      raise ConfigError(f"--split_k={k} out of range: {cfg.model} has {config.num_layers} blocks, so k <= "
+                        f"{config.num_layers - 1}")
+  if cfg.model == "tiny-llama" and cfg.warm_start_steps:
     rows = [([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(f'"{t}"') + [tokenizer.eos_id]
             for t in titles]
     ids, mask = pad_rows(rows, tokenizer.pad_id, "right")
     params, loss = fit_causal_lm(config, params, ids, mask, steps=cfg.warm_start_steps, seed=cfg.seed)
     logging.info("warm-started %s on %d catalogue titles: loss %.3f", cfg.model, len(titles), loss)
-  for k in cfg.split_k or ():
-    if k > config.num_layers - 1:
-      raise ConfigError(f"--split_k={k} out of range: {cfg.model} has {config.num_layers} blocks, so k <= "
-                        f"{config.num_layers - 1}")
   return config, params, tokenizer
 
+
+# ----------------------------------------------------------------------------- per-task examples
+
+def _prompt_examples(cfg, config, tokenizer, windows_per_client, titles, noun) -> list[pipeline.PromptExamples]:
+  """Discriminative examples: each window's prompt tokenized as the evaluation embeds it, plus its target."""
+  rows = [evaluation.text_rows(config, tokenizer,
+                               [examples.prompt_text(r)[0] for r in examples.window_records(w, titles, noun)],
+                               min(cfg.cutoff_len, config.max_positions)) for w in windows_per_client]
+  seq_len = -(-max((len(r) for rs in rows for r in rs), default=1) // 8) * 8
+  return [pipeline.PromptExamples.from_rows(rs, w.target, seq_len=seq_len, pad_id=tokenizer.pad_id,
+                                            left_pad=config.is_decoder) for rs, w in zip(rows, windows_per_client)]
+
+
+def _heldout_windows(prep, part: str, max_users: int | None):
+  """Per client, the `part` windows with each user's first target as the label."""
+  out = []
+  for c in range(prep.num_clients):
+    windows, targets = prep.eval_examples(c, part)
+    windows = dataclasses.replace(windows, target=np.asarray([t[0] for t in targets], np.int32))
+    out.append(windows.take(np.arange(len(windows))[:max_users]))
+  return out
+
+
+def task_examples(cfg: RunConfig, config, tokenizer, prep) -> tuple[list, list]:
+  """`(train, valid)` per-client examples for `cfg.task`."""
+  if cfg.task == "generative":
+    kwargs = dict(cutoff=cfg.cutoff_len)
+    return (pipeline.generative_clients(prep, tokenizer, train_on_inputs=cfg.train_on_inputs, **kwargs),
+            pipeline.heldout_clients(prep, tokenizer, "valid", max_users=cfg.max_eval_users, **kwargs))
+  noun = prep.dataset.item_noun
+  train = [prep.client_windows(c) for c in range(prep.num_clients)]
+  return (_prompt_examples(cfg, config, tokenizer, train, prep.titles, noun),
+          _prompt_examples(cfg, config, tokenizer, _heldout_windows(prep, "valid", cfg.max_eval_users),
+                           prep.titles, noun))
+
+
+def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | None = None) -> engine_lib.Engine:
+  """The engine of strategy `name` (centralized: one training client holding every example)."""
+  config, base, tokenizer = model
+  train_prep = prep
+  if name == "centralized":
+    train_prep = dataclasses.replace(prep, clients=np.zeros_like(prep.clients), num_clients=1)
+  train_examples, valid_examples = task_examples(cfg, config, tokenizer, train_prep)
+  cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(len(train_examples))]
+  strategy = strategies.make_strategy(
+      name, fellrec_alpha=cfg.fellrec_alpha, fellrec_beta=cfg.fellrec_beta,
+      fellrec_temperature=cfg.fellrec_temperature, fellrec_variant=cfg.fellrec_variant, fedprox_mu=cfg.fedprox_mu)
+  mesh = sharding.make_mesh(cfg.mesh_clients, cfg.mesh_model)
+  task = {}
+  if cfg.task == "discriminative":
+    if item_emb is None:
+      item_emb = evaluation.item_embeddings(config, base, tokenizer, prep.titles)
+    task = dict(loss_fn=client.discriminative_loss(config, jax.numpy.asarray(item_emb), cfg.disc_temperature),
+                hidden=True)
+  return engine_lib.Engine(cfg, config, base, train_examples, valid_examples, strategy, mesh, cuts, **task)
+
+
+# ----------------------------------------------------------------------------- evaluation and results
 
 def parameter_counts(config: models.ModelConfig, base, k: int | None) -> dict[str, int]:
   """Base parameters held by the client and by the server at cut k (None: all on the client)."""
@@ -67,39 +128,28 @@ def parameter_counts(config: models.ModelConfig, base, k: int | None) -> dict[st
   return {"client_params": count(head) + count(tail) - tied, "server_params": count(body)}
 
 
-def balance(values: list[float]) -> dict[str, float]:
-  """Spread of a per-client metric: std, min, max, max-min and coefficient of variation."""
-  v = np.asarray(values, np.float64)
-  mean = float(v.mean())
-  return {"std": float(v.std()), "min": float(v.min()), "max": float(v.max()), "range": float(v.max() - v.min()),
-          "cv": float(v.std() / mean) if mean else 0.0}
-
-
-def build_engine(cfg: RunConfig, name: str, prep, model) -> tuple[engine_lib.Engine, list]:
-  """The engine of strategy `name` and the per-client test examples (centralized: one training client)."""
+def evaluate(cfg: RunConfig, model, lora_c, prep, part: str, item_emb: np.ndarray) -> dict:
   config, base, tokenizer = model
-  tok_kwargs = dict(cutoff=cfg.cutoff_len)
-  train_prep = prep
-  if name == "centralized":  # one client holding every training example; evaluated per original client
-    train_prep = dataclasses.replace(prep, clients=np.zeros_like(prep.clients), num_clients=1)
-  train_examples = pipeline.generative_clients(train_prep, tokenizer, train_on_inputs=cfg.train_on_inputs,
-                                               **tok_kwargs)
-  valid_examples = pipeline.heldout_clients(train_prep, tokenizer, "valid", max_users=cfg.max_eval_users,
-                                            **tok_kwargs)
-  test_examples = pipeline.heldout_clients(prep, tokenizer, "test", max_users=cfg.max_eval_users, **tok_kwargs)
-  cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(len(train_examples))]
-  strategy = strategies.make_strategy(
-      name, fellrec_alpha=cfg.fellrec_alpha, fellrec_beta=cfg.fellrec_beta,
-      fellrec_temperature=cfg.fellrec_temperature, fellrec_variant=cfg.fellrec_variant, fedprox_mu=cfg.fedprox_mu)
-  mesh = sharding.make_mesh(cfg.mesh_clients, cfg.mesh_model)
-  return engine_lib.Engine(cfg, config, base, train_examples, valid_examples, strategy, mesh, cuts), test_examples
+  kwargs = dict(ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, max_users=cfg.max_eval_users, item_emb=item_emb)
+  if cfg.task == "generative":
+    return evaluation.evaluate_generative(config, base, tokenizer, lora_c, prep, part, num_beams=cfg.num_beams,
+                                          max_new_tokens=cfg.max_new_tokens, **kwargs)
+  return evaluation.evaluate_discriminative(config, base, tokenizer, lora_c, prep, part, **kwargs)
 
 
-def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path) -> dict[str, Any]:
-  """Trains one strategy and returns its results dict (also written to `workdir/results.json`)."""
+def with_primary_balance(result: dict, metric: str = "ndcg@10") -> dict:
+  """Adds DESIGN §5's flat `balance` (std/min/max/range/cv of `metric` across clients) to per-metric ones."""
+  per_metric = result["balance"]
+  primary = metric if metric in per_metric else sorted(per_metric)[0]
+  return dict(result, balance={"metric": primary, **per_metric[primary], "per_metric": per_metric})
+
+
+def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb: np.ndarray) -> dict[str, Any]:
+  """Trains one strategy, evaluates each client's best adapter on its test users, writes results.json."""
   config, base, _ = model
-  eng, test_examples = build_engine(cfg, name, prep, model)
+  eng = build_engine(cfg, name, prep, model, item_emb)
   workdir.mkdir(parents=True, exist_ok=True)
+  writer = report.ScalarWriter(workdir / "tensorboard")
 
   def on_round(log):
     valid = log.get("valid", {}).get("mean_loss")
@@ -108,37 +158,46 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path) -> dict[
                  log["seconds"])
     with open(workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(log) + "\n")
+    writer.round(log)
 
-  state, history = engine_lib.run_rounds(eng, str(workdir), on_round=on_round)
-  best = state.best_lora
+  state, history = engine_lib.run_rounds(eng, str(workdir), on_round=on_round, progress=name)
+  best = sharding.to_host(state.best_lora)
   if name == "centralized":
     best = engine_lib.stack_clients(jax.tree.map(lambda x: x[0], best), prep.num_clients)
-  test_batches = engine_lib.heldout_batches(test_examples, cfg.eval_batch_size)
-  test_loss, _ = jax.jit(engine_lib.make_heldout_loss(config))(eng.base, best, test_batches)
-  test_users = np.asarray([len(ex) for ex in test_examples], np.float64)
-  per_client = [{"loss": float(l), "test_users": int(n)} for l, n in zip(np.asarray(test_loss), test_users)]
+  test = with_primary_balance(evaluate(cfg, model, best, prep, "test", item_emb))
+  logging.info("[%s] test per client:\n%s", name, report.client_table(test))
+  writer.scalars("test", test["overall"], len(history))
+  writer.close()
   seconds = [log["seconds"] for log in history]
   resources = parameter_counts(config, base, eng.cuts[0]) | {
+      "adapter_params_per_client": int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(best))),
       "bytes_up": float(sum(log["bytes_up"] for log in history)),
       "bytes_down": float(sum(log["bytes_down"] for log in history)),
       "seconds_per_round": statistics.median(seconds[1:] or seconds)}
-  results = {"config": dataclasses.asdict(cfg), "strategy": name, "rounds": history,
-             "test": {"overall": {"loss": float(np.average(test_loss, weights=np.maximum(test_users, 1e-9)))},
-                      "clients": per_client, "balance": balance([c["loss"] for c in per_client])},
+  results = {"config": dataclasses.asdict(cfg), "strategy": name, "rounds": history, "test": test,
              "resources": resources}
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   return results
 
 
 def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-  """Runs every strategy in `cfg.strategies` on the same data, model and budget."""
+  """Runs every strategy in `cfg.strategies` on the same data, model, seed and budget.
+
+  One strategy writes `workdir/results.json`; several write `workdir/<strategy>/results.json` plus
+  `comparison.md` and `comparison.png` (with a most-popular floor on the same split).
+  """
   prep, stats = prepare(cfg)
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "data_stats.json").write_text(json.dumps(stats, indent=1))
   model = load_model(cfg, list(prep.titles))
+  item_emb = evaluation.item_embeddings(model[0], model[1], model[2], prep.titles)
   out = {}
   for name in cfg.strategies:
     sub = workdir if len(cfg.strategies) == 1 else workdir / name
-    out[name] = run_strategy(cfg, name, prep, model, sub)
+    out[name] = run_strategy(cfg, name, prep, model, sub, item_emb)
+  if len(cfg.strategies) > 1:
+    floor = with_primary_balance(evaluation.popularity_baseline(prep, "test", cfg.metric_ks,
+                                                                max_users=cfg.max_eval_users))
+    report.write_comparison(workdir, out, floor)
   return out

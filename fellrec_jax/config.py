@@ -40,8 +40,10 @@ class RunConfig:
   train_on_inputs: bool = False
   skip_bad_lines: bool = False
   bpr_steps: int = 2000
-  # model
+  # model and task
   model: str = "tiny-llama"
+  task: str = "generative"
+  disc_temperature: float = 0.05
   dtype: str = "float32"
   remat: bool = False
   warm_start_steps: int = 300
@@ -74,6 +76,9 @@ class RunConfig:
   eval_every: int = 1
   patience: int | None = None
   eval_batch_size: int = 32
+  metric_ks: tuple[int, ...] = (5, 10, 20)
+  num_beams: int = 4
+  max_new_tokens: int = 32
   # scale-out
   mesh_clients: int | None = None
   mesh_model: int = 1
@@ -113,6 +118,11 @@ class RunConfig:
     need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
     need(self.mesh_model >= 1, "mesh_model", "must be >= 1")
+    need(self.task in ("generative", "discriminative"), "task", "expected 'generative' or 'discriminative'")
+    need(self.disc_temperature > 0, "disc_temperature", "must be > 0")
+    need(len(self.metric_ks) > 0 and min(self.metric_ks) >= 1, "metric_ks", "give cut-offs >= 1")
+    need(self.num_beams >= 1, "num_beams", "must be >= 1")
+    need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
 

@@ -34,6 +34,12 @@ HELP = {
     "model": "Backbone: tiny-llama, tiny-bert, smollm2-135m, minilm-l6, an HF directory or a .gguf file.",
     "dtype": "Parameter and compute dtype of the base model (float32, bfloat16).",
     "remat": "Rematerialise each block in the backward pass (saves activation memory).",
+    "task": "generative: BIGRec (generate a title, ground it to items); discriminative: score every item "
+            "(the default for encoders).",
+    "disc_temperature": "Softmax temperature of discriminative training (user . item / T).",
+    "metric_ks": "Comma list of cut-offs K for recall@K, ndcg@K, hr@K.",
+    "num_beams": "Beams for generative evaluation (BIGRec used 4).",
+    "max_new_tokens": "Maximum generated tokens per response in generative evaluation.",
     "warm_start_steps": "tiny-llama/tiny-bert only: steps fitting the random base to the public item titles "
                         "(never to user data) so it can spell titles; 0 keeps it random.",
     "lora_rank": "LoRA rank r.",
@@ -69,7 +75,7 @@ HELP = {
 ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_json"),
          "split": ("temporal", "loo"), "partition": ("kmeans", "random", "dirichlet", "mapping"),
          "client_execution": ("vmap", "sequential"), "server_lora": ("per_client", "frozen"),
-         "fellrec_variant": ("code", "paper")}
+         "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative")}
 
 
 def _base_type(annotation):

@@ -10,15 +10,24 @@ from fellrec_jax.config import ConfigError
 from launch import flags as run_flags
 
 run_flags.define_flags()
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: TPU pods, GPU "
+                  "clusters, several CPU processes); every process runs the same command.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where auto-detection does not apply.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, where auto-detection does not apply.")
+flags.DEFINE_integer("process_id", None, "This process's index, where auto-detection does not apply.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  logging_lib.getLogger("absl").setLevel(logging_lib.INFO)
-  for noisy in ("orbax", "jax._src"):  # per-save chatter would bury the round logs
-    logging_lib.getLogger(noisy).setLevel(logging_lib.WARNING)
+  # orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
+      and "tensorboardX" not in record.pathname)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    import jax
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     cfg = run_flags.config_from_flags(FLAGS)
   except ConfigError as e:

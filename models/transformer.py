@@ -213,10 +213,10 @@ def lm_head(config: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
   return jnp.einsum("btd,dv->btv", x_btd, w.astype(x_btd.dtype), preferred_element_type=jnp.float32)
 
 
-def outputs(config: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
-  """Decoder logits `[B, T, V]`, or the encoder's last hidden states `[B, T, D]`."""
+def outputs(config: ModelConfig, params: Params, x_btd: jax.Array, *, hidden: bool = False) -> jax.Array:
+  """Decoder logits `[B, T, V]`, or the final (normed) hidden states `[B, T, D]` when `hidden` or for encoders."""
   x = final_norm(config, params, x_btd)
-  return lm_head(config, params, x) if config.is_decoder else x
+  return lm_head(config, params, x) if config.is_decoder and not hidden else x
 
 
 def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
@@ -226,8 +226,9 @@ def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
 
 
 def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
-          *, lora: Params | None = None, rng: jax.Array | None = None) -> jax.Array:
-  """The unsplit forward: logits `[B, T, V]` (decoder) or last hidden states `[B, T, D]` (encoder).
+          *, lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False) -> jax.Array:
+  """The unsplit forward: logits `[B, T, V]` (decoder) or last hidden states `[B, T, D]` (encoder, or a
+  decoder with `hidden=True`: after the final norm).
 
   `rng` enables LoRA dropout (training); without it the forward is deterministic.
   """
@@ -236,7 +237,7 @@ def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attentio
   x = embed(config, params, input_ids_bt)
   x = run_blocks(config, params["blocks"], x, attention_mask_bt,
                  lora_blocks=None if lora is None else lora["blocks"], rng=rng)
-  return outputs(config, params, x)
+  return outputs(config, params, x, hidden=hidden)
 
 
 # ----------------------------------------------------------------------------- initialisation

@@ -115,7 +115,51 @@ class IdExamples:
             "example_mask": np.concatenate([np.ones(len(idx), np.int32), np.zeros(pad, np.int32)])}
 
 
-ClientExamples = TokenizedExamples | IdExamples
+@dataclasses.dataclass(frozen=True)
+class PromptExamples:
+  """One client's token rows (e.g. prompts) with a target item each, for discriminative training.
+
+  Attributes:
+    tokens, offsets: ragged rows as in `TokenizedExamples`.
+    target: [N] int32 item ids.
+    seq_len: T; pad_id: id written on padding.
+    left_pad: left padding (decoders: the last column is the last token) or right (encoders).
+  """
+
+  tokens: np.ndarray
+  offsets: np.ndarray
+  target: np.ndarray
+  seq_len: int
+  pad_id: int
+  left_pad: bool
+
+  @classmethod
+  def from_rows(cls, rows: Sequence[Sequence[int]], target: np.ndarray, *, seq_len: int, pad_id: int,
+                left_pad: bool) -> PromptExamples:
+    lengths = [len(r) for r in rows]
+    return cls(np.asarray([i for r in rows for i in r], np.int32),
+               np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), np.asarray(target, np.int32),
+               seq_len, pad_id, left_pad)
+
+  def __len__(self) -> int:
+    return int(self.target.shape[0])
+
+  def gather(self, idx: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask [B, T], target / example_mask [B]."""
+    b, t = batch_size, self.seq_len
+    out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "attention_mask": np.zeros((b, t), np.int32),
+           "target": np.zeros(b, np.int32), "example_mask": np.zeros(b, np.int32)}
+    for r, n in enumerate(idx):
+      ids = self.tokens[self.offsets[n]:self.offsets[n + 1]][-t:]
+      cols = slice(t - len(ids), t) if self.left_pad else slice(0, len(ids))
+      out["input_ids"][r, cols] = ids
+      out["attention_mask"][r, cols] = 1
+      out["target"][r] = self.target[n]
+      out["example_mask"][r] = 1
+    return out
+
+
+ClientExamples = TokenizedExamples | IdExamples | PromptExamples
 
 
 def tokenize_clients(records: Sequence[Sequence[dict]], tokenizer: Tokenizer, *, cutoff: int = 512,
