@@ -52,12 +52,25 @@ def load_model(cfg: RunConfig, titles: list[str]):
       raise ConfigError(f"--split_k={k} out of range: {cfg.model} has {config.num_layers} blocks, so k <= "
                         f"{config.num_layers - 1}")
   if cfg.model == "tiny-llama" and cfg.warm_start_steps:
-    rows = [([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(f'"{t}"') + [tokenizer.eos_id]
-            for t in titles]
-    ids, mask = pad_rows(rows, tokenizer.pad_id, "right")
+    ids, mask = pad_rows(catalogue_rows(tokenizer, titles, cfg.history_len, seed=cfg.seed), tokenizer.pad_id, "right")
     params, loss = fit_causal_lm(config, params, ids, mask, steps=cfg.warm_start_steps, seed=cfg.seed)
-    logging.info("warm-started %s on %d catalogue titles: loss %.3f", cfg.model, len(titles), loss)
+    logging.info("warm-started %s on lists of the %d catalogue titles: loss %.3f", cfg.model, len(titles), loss)
   return config, params, tokenizer
+
+
+def catalogue_rows(tokenizer, titles: list[str], max_len: int, *, seed: int, num_rows: int = 2048) -> list[list[int]]:
+  """Token rows of random lists of quoted titles (`"A", "B", ...`), public catalogue text only.
+
+  Lists rather than single titles teach the tiny base where a quoted title opens and closes at any
+  position, as in BIGRec prompts (history lists) and responses (one quoted title).
+  """
+  rng = np.random.default_rng(seed)
+  head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  rows = []
+  for _ in range(num_rows):
+    picks = rng.choice(len(titles), size=rng.integers(1, max_len + 1))
+    rows.append(head + tokenizer.encode(", ".join(f'"{titles[i]}"' for i in picks)) + [tokenizer.eos_id])
+  return rows
 
 
 # ----------------------------------------------------------------------------- per-task examples

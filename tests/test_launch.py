@@ -1,0 +1,87 @@
+"""The command line: flag errors name the flag, prepare mode, and the quickstart end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from absl import flags
+
+from fellrec_jax.config import ConfigError, RunConfig
+from launch import flags as run_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _main(*args, timeout=900):
+  return subprocess.run([sys.executable, "-m", "launch.main", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(rounds=0), "--rounds"), (dict(split_k=(1, 2)), "--split_k"),
+                                       (dict(strategies=("fedsgd",)), "--strategies"),
+                                       (dict(clients_per_round=9), "--clients_per_round"),
+                                       (dict(client_group_size=2, client_execution="sequential"),
+                                        "--client_group_size")])
+def test_bad_settings_name_their_flag(bad, flag):
+  with pytest.raises(ConfigError, match=flag):
+    RunConfig(**bad)
+
+
+def test_list_flag_with_a_bad_element_names_the_flag():
+  values = flags.FlagValues()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(flags, "FLAGS", values)
+    run_flags.define_flags()
+  values(["prog", "--split_k=1,x"])
+  with pytest.raises(ConfigError, match="--split_k"):
+    run_flags.config_from_flags(values)
+
+
+def test_every_flag_has_help_text():
+  assert set(run_flags.HELP) == {f.name for f in RunConfig.__dataclass_fields__.values()}
+  assert all(text.strip() for text in run_flags.HELP.values())
+
+
+def test_unknown_enum_value_fails_naming_the_flag(tmp_path):
+  out = _main("--task=ranking", f"--workdir={tmp_path}", timeout=120)
+  assert out.returncode != 0 and "--task" in out.stderr
+
+
+def test_prepare_writes_data_stats(tmp_path):
+  out = _main("--mode=prepare", "--dataset=synthetic", "--num_clients=4", "--partition=random",
+              f"--workdir={tmp_path}", timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  stats = json.loads((tmp_path / "data_stats.json").read_text())
+  assert len(stats["clients"]) == 4
+  assert sum(c["users"] for c in stats["clients"]) == stats["users"]
+  assert all(c["train_examples"] > 0 for c in stats["clients"])
+
+
+def _random_recall_at_10(cfg):
+  """Expected recall@10 of a uniformly random ranking of each test user's rankable items."""
+  from federated import experiment
+  prep, _ = experiment.prepare(cfg)
+  expected = []
+  for u in range(prep.split.num_users):
+    targets = prep.split.test_targets[u]
+    if not len(targets):
+      continue
+    excluded = set(prep.split.train[u]) | set(prep.split.test_history[u]) | set(prep.split.valid_targets[u])
+    candidates = prep.dataset.num_items - len(excluded)
+    expected.append(min(10, candidates) / candidates)
+  return float(np.mean(expected))
+
+
+def test_quickstart_end_to_end_beats_random(tmp_path):
+  out = _main("--flagfile=launch/configs/quickstart.flags", "--num_clients=3", "--rounds=2", f"--workdir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert str(tmp_path) in out.stdout
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert [r["round"] for r in results["rounds"]] == [0, 1]
+  assert len(results["test"]["clients"]) == 3
+  assert results["resources"]["bytes_up"] > 0 and results["resources"]["server_params"] > 0
+  cfg = RunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()})
+  assert results["test"]["overall"]["recall@10"] > _random_recall_at_10(cfg)
