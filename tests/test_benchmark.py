@@ -1,0 +1,63 @@
+"""Smoke test of `launch.benchmark`: every section's pieces on tiny sizes, and the JSON keys. Not timed."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from launch import benchmark
+
+
+@pytest.fixture(autouse=True)
+def tiny_flags():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  saved = {k: flags.FLAGS[k].value for k in ("exec_clients", "exec_batch_size", "exec_seq_len", "exec_local_steps",
+                                             "scale_group_size")}
+  flags.FLAGS.exec_clients, flags.FLAGS.exec_batch_size, flags.FLAGS.exec_seq_len = 2, 1, 8
+  flags.FLAGS.exec_local_steps, flags.FLAGS.scale_group_size = 1, 2
+  yield
+  for k, v in saved.items():
+    flags.FLAGS[k].value = v
+
+
+def test_jaxpr_flops_counts_scan_bodies_times_length():
+  def f(x, w):
+    return jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0]
+  x, w = jnp.ones((4, 5)), jnp.ones((3, 5, 5))
+  assert benchmark.jaxpr_flops(f, x, w) == 3 * 2 * 4 * 5 * 5
+  assert benchmark.jaxpr_flops(jax.jit(lambda a, b: a @ b), jnp.ones((2, 3)), jnp.ones((3, 7))) == 2 * 2 * 3 * 7
+
+
+def test_synthetic_batches_are_right_padded_with_shifted_targets():
+  b = benchmark.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0)
+  am = b["attention_mask"]
+  assert b["input_ids"].shape == (2, 1, 1, 3, 8)
+  assert np.all(np.diff(am, axis=-1) <= 0)  # ones then zeros
+  assert np.all(b["input_ids"][am == 0] == 0)
+  np.testing.assert_array_equal(b["loss_mask"][..., :-1], am[..., 1:])
+
+
+def test_sections_smoke_and_json_keys(tmp_path):
+  peak, bandwidth = 1e11, 1e10
+  out = {"client_execution": benchmark.client_execution_section(True, False, 1, peak)}
+  out["mfu"] = benchmark.mfu_summary(out["client_execution"], peak, "test")
+  out["aggregation"] = benchmark.aggregation_section(True, 1, bandwidth, peak, sizes=[("smollm2-135m", (2,))])
+  out["scale"] = benchmark.scale_section(True, False, False, model="tiny-llama", confirm=False, check_run=False)
+  out["original_design"] = benchmark.original_design_section(True, 1)
+  out["seconds"] = 0.0
+  benchmark.summary(out)
+  data = json.loads(json.dumps(out, default=float))
+
+  assert data["client_execution"]["speedup"] > 0
+  run = data["client_execution"]["runs"][0]
+  assert run["flops_per_round_jaxpr"] > run["xla_cost_analysis"]["flops"] > 0  # loop bodies x trip counts
+  assert 0 < data["mfu"]["value"]
+  agg = data["aggregation"][0]
+  assert {"C", "model", "seconds", "bytes", "roofline_seconds", "roofline_fraction"} <= set(agg)
+  assert agg["bytes"] == 3 * 2 * 4 * 460800  # SmolLM2 q,v r=8: 460,800 fp32 params per client
+  assert data["scale"]["max_clients"] >= 2 and data["scale"]["bytes_per_client"] > 0
+  assert data["original_design"][0]["ratio"] > 0
