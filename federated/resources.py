@@ -1,0 +1,357 @@
+"""What flexible storage costs and saves: client vs server parameters, memory, FLOPs and cut traffic at k.
+
+Everything here works on shapes: parameters are `jax.ShapeDtypeStruct` pytrees from `jax.eval_shape`
+(the loaders check real weights against `init_params`' layout, so the shapes are the same), and the
+three split segments are lowered and compiled with abstract inputs. A LLaMA-7B config.json therefore
+needs no weights and no memory.
+
+Who holds what at cut k (L blocks; `models.split`):
+  client: embeddings + blocks[:k] (head), block L-1 + final norm + LM head (tail); the tied embedding
+          table is one array on the client, counted once. Adapters on blocks [:k] and [L-1], and their
+          optimizer state.
+  server: blocks[k:L-1] (body). With `server_lora="per_client"` the server also holds each client's
+          adapters on those blocks and their optimizer state (it computes their gradients), so those
+          count on the server, per client; with "frozen" there are none.
+
+Compiled segments, each one fused forward + backward for a batch `[B, T]` (what one client step runs):
+  client_head: (head, lora_head, ids, mask, g_up)           -> (act_up, lora grads)
+  server_body: (body, lora_body, act_up, mask, g_down)      -> (act_down, lora grads, g_up)
+  client_tail: (tail, lora_tail, act_down, batch)           -> (loss, lora grads, g_down)
+Peak memory of a segment is XLA's `argument + output + temp - alias` bytes; its *working* memory is
+that minus the parameter and adapter arguments (which are counted once, as held parameters).
+
+FLOPs: XLA's cost analysis counts a `while` loop body once, whatever its trip count, and blocks run
+under `lax.scan`. So each segment's FLOPs are measured with 0 and 1 blocks (a 1-trip loop is inlined
+by XLA, so it is counted exactly) and extrapolated linearly: `flops(n) = flops(0) + n * (flops(1) - flops(0))`.
+
+Client footprint at k (what `choose_split_k` budgets):
+  client base params bytes + client adapter bytes + client optimizer-state bytes
+  + working(client_head) + working(client_tail).
+Adding the two working sets is a deliberate upper bound: the head's residuals stay alive while the
+tail runs, which a per-segment analysis cannot see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import models
+from models.config import ModelConfig
+from models.transformer import Params
+
+PyTree = Any
+MIB = 2 ** 20
+
+# huggyllama/llama-7b config.json (the BIGRec/FELLRec backbone): 6,738,415,616 parameters, untied head.
+LLAMA_7B_HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 2048,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "pad_token_id": 0,
+    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 32000}
+
+
+# ----------------------------------------------------------------------------- shapes and counts
+
+def abstract_params(config: ModelConfig) -> Params:
+  """Base parameter shapes (ShapeDtypeStructs in `param_dtype`), no memory allocated."""
+  return jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+
+
+def abstract_lora(config: ModelConfig, base: Params) -> Params | None:
+  """LoRA adapter shapes (fp32), or None when `config.lora` is None."""
+  if config.lora is None:
+    return None
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+  return jax.eval_shape(lambda b: models.init_lora(config, b, jax.random.key(0)), shapes)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def count(tree: PyTree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def nbytes(tree: PyTree) -> int:
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def split_shapes(config: ModelConfig, tree: PyTree, k: int) -> tuple[PyTree, PyTree, PyTree]:
+  """`models.split` on shapes: (head, body, tail) ShapeDtypeStruct pytrees of real or abstract params/adapters."""
+  return jax.eval_shape(lambda t: models.split(config, t, k), _abstract(tree))
+
+
+def _client_base(config: ModelConfig, head: Params, tail: Params) -> tuple[int, int]:
+  """(params, bytes) of head + tail with a tied embedding table counted once."""
+  n, b = count(head) + count(tail), nbytes(head) + nbytes(tail)
+  if config.tie_embeddings and "embed" in tail:
+    n, b = n - count(tail["embed"]), b - nbytes(tail["embed"])
+  return n, b
+
+
+def _opt_bytes(tx: optax.GradientTransformation, lora: PyTree) -> int:
+  if lora is None or not jax.tree.leaves(lora):
+    return 0
+  return nbytes(jax.eval_shape(tx.init, lora))
+
+
+def param_split(config: ModelConfig, base: Params, k: int, *, lora: Params | None = None,
+                tx: optax.GradientTransformation | None = None, server_lora: str = "per_client") -> dict[str, int]:
+  """Parameters and bytes held by the client and by the server at cut k (see the module docstring).
+
+  `base`/`lora` may be real arrays or ShapeDtypeStructs. `tx` is the clients' optimizer (default AdamW:
+  two fp32 moments per adapter parameter plus a step count).
+  """
+  tx = optax.adamw(1e-3) if tx is None else tx
+  head, body, tail = split_shapes(config, base, k)
+  client_n, client_b = _client_base(config, head, tail)
+  out = {"total_params": count(base),  # one leaf per array: a tied table is in `base` once
+         "client_params": client_n, "server_params": count(body),
+         "client_param_bytes": client_b, "server_param_bytes": nbytes(body)}
+  if lora is not None:
+    l_head, l_body, l_tail = split_shapes(config, lora, k)
+    client_lora = {"head": l_head, "tail": l_tail}
+    server_held = l_body if server_lora == "per_client" else None
+    out |= {"client_lora_params": count(client_lora), "client_lora_bytes": nbytes(client_lora),
+            "client_opt_bytes": _opt_bytes(tx, client_lora),
+            "server_lora_params": count(server_held) if server_held is not None else 0,
+            "server_lora_bytes": nbytes(server_held) if server_held is not None else 0,
+            "server_opt_bytes": _opt_bytes(tx, server_held)}
+  out["client_share_params"] = out["client_params"] / max(out["total_params"], 1)
+  return out
+
+
+# ----------------------------------------------------------------------------- compiled segments
+
+def _with_blocks(tree: Params, n: int) -> Params:
+  """`tree` with its block stack resized to n layers (shapes only)."""
+  blocks = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype), tree["blocks"])
+  return dict(tree, blocks=blocks)
+
+
+def segment_fns(config: ModelConfig, server_lora: str = "per_client") -> dict[str, Callable]:
+  """The three fused forward+backward segment functions (module docstring), rng-free (no dropout mask)."""
+  from federated.client import generative_loss  # the engine's loss; imported late to keep this module light
+
+  def head_step(head, lora_head, ids_bt, mask_bt, g_up_btd):
+    act, vjp = jax.vjp(lambda lh: models.client_head(config, head, ids_bt, mask_bt, lora=lh), lora_head)
+    return act, vjp(g_up_btd)[0]
+
+  def body_step(body, lora_body, act_btd, mask_bt, g_down_btd):
+    if server_lora == "frozen":
+      act, vjp = jax.vjp(lambda a: models.server_body(config, body, a, mask_bt), act_btd)
+      return act, vjp(g_down_btd)[0]
+    act, vjp = jax.vjp(lambda lb, a: models.server_body(config, body, a, mask_bt, lora=lb), lora_body, act_btd)
+    return (act, *vjp(g_down_btd))
+
+  def tail_step(tail, lora_tail, act_btd, batch):
+    (loss, _), vjp = jax.vjp(
+        lambda lt, a: generative_loss(models.client_tail(config, tail, a, batch["attention_mask"], lora=lt), batch),
+        lora_tail, act_btd)
+    return (loss, *vjp((jnp.ones_like(loss), jnp.zeros(()))))
+
+  return {"client_head": head_step, "server_body": body_step, "client_tail": tail_step}
+
+
+def _segment_args(config: ModelConfig, name: str, params: Params, lora: Params | None, b: int, t: int):
+  act = jax.ShapeDtypeStruct((b, t, config.hidden_size), config.dtype)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  if name == "client_head":
+    return (params, lora, ids, ids, act)
+  if name == "server_body":
+    return (params, lora, act, ids, act)
+  batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids, "example_mask": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  return (params, lora, act, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentCost:
+  """XLA's view of one compiled segment (bytes; `flops` for the whole batch)."""
+
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  param_bytes: int  # bytes of the parameter and adapter arguments (counted as held params elsewhere)
+  flops: float
+
+  @property
+  def peak_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+  @property
+  def working_bytes(self) -> int:
+    return self.peak_bytes - self.param_bytes
+
+
+_ANALYSES: dict = {}  # memo: (config, segment, shapes, b, t, server_lora) -> (memory stats, param bytes, flops)
+
+
+def _shape_key(tree: PyTree) -> tuple:
+  return (str(jax.tree.structure(tree)), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree)))
+
+
+def _analyse(config: ModelConfig, name: str, params: Params, lora: Params | None, b: int, t: int,
+             server_lora: str) -> tuple[Any, int, float]:
+  """Compiles one segment for `[b, t]` from shapes: (XLA memory stats, parameter-argument bytes, raw flops).
+
+  Memoised: compiling a scanned fwd+bwd takes seconds, and every k shares the tail and many shapes.
+  """
+  if name == "server_body" and server_lora == "frozen":
+    lora = None
+  params, lora = _abstract(params), None if lora is None else _abstract(lora)
+  key = (config, name, _shape_key(params), _shape_key(lora), b, t, server_lora)
+  if key not in _ANALYSES:
+    fn = segment_fns(config, server_lora)[name]
+    compiled = jax.jit(fn).lower(*_segment_args(config, name, params, lora, b, t)).compile()
+    _ANALYSES[key] = (compiled.memory_analysis(), nbytes(params) + (0 if lora is None else nbytes(lora)),
+                      _flops(compiled))
+  return _ANALYSES[key]
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def segment_cost(config: ModelConfig, name: str, params: Params, lora: Params | None, b: int, t: int, *,
+                 server_lora: str = "per_client", flops_cache: dict | None = None) -> SegmentCost:
+  """Memory (compiled with the segment's real block count) and FLOPs (extrapolated from 0 and 1 blocks).
+
+  `flops_cache` (a dict) memoises the 0/1-block calibration, which does not depend on k.
+  """
+  mem, param_bytes, raw_flops = _analyse(config, name, params, lora, b, t, server_lora)
+  n = jax.tree.leaves(params["blocks"])[0].shape[0]
+  if n <= 1:  # 0 or 1 loop trips: XLA removes/inlines the loop, so the count is exact
+    flops = raw_flops
+  else:
+    key = (name, b, t, server_lora)
+    cache = {} if flops_cache is None else flops_cache
+    if key not in cache:
+      resize = lambda tree, m: None if tree is None else _with_blocks(tree, m)
+      cache[key] = tuple(_analyse(config, name, resize(params, m), resize(lora, m), b, t, server_lora)[2]
+                         for m in (0, 1))
+    f0, f1 = cache[key]
+    flops = f0 + n * (f1 - f0)
+  return SegmentCost(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.temp_size_in_bytes),
+                     int(mem.alias_size_in_bytes), int(param_bytes), flops)
+
+
+# ----------------------------------------------------------------------------- the per-k report
+
+def traffic_per_step(config: ModelConfig, b: int, t: int) -> dict[str, int]:
+  """Bytes crossing the cut in one micro-batch: up = act_up + grad(act_down), down = act_down + grad(act_up).
+
+  Equal to `federated.client.split_value_and_grad`'s counted traffic (activations in the compute dtype).
+  """
+  act = b * t * config.hidden_size * config.dtype.itemsize
+  return {"up": 2 * act, "down": 2 * act}
+
+
+def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: Params | None = None,
+           lora: Params | None = None, tx: optax.GradientTransformation | None = None,
+           server_lora: str = "per_client", micro_per_round: int | None = None,
+           flops_cache: dict | None = None) -> dict[str, Any]:
+  """Everything about cut k for one client training on `[batch_size, seq_len]` micro-batches.
+
+  `base`/`lora` default to abstract shapes of `config`. `micro_per_round` (micro-batches per local
+  round) turns per-step traffic into per-round traffic, plus the adapter exchange for aggregation
+  (the client uploads and downloads the adapters it holds; the server already holds the body's).
+  `flops_cache` (a dict) reuses the 0/1-block FLOP calibration across k.
+  """
+  base = abstract_params(config) if base is None else base
+  lora = abstract_lora(config, base) if lora is None and config.lora is not None else lora
+  out = {"k": k, "batch_size": batch_size, "seq_len": seq_len} | param_split(
+      config, base, k, lora=lora, tx=tx, server_lora=server_lora)
+  segs = dict(zip(("client_head", "server_body", "client_tail"), split_shapes(config, base, k)))
+  lsegs = dict(zip(segs, split_shapes(config, lora, k))) if lora is not None else dict.fromkeys(segs)
+  costs = {}
+  for name in segs:
+    costs[name] = segment_cost(config, name, segs[name], lsegs[name], batch_size, seq_len, server_lora=server_lora,
+                               flops_cache=flops_cache)
+  for name, c in costs.items():
+    out[name] = dataclasses.asdict(c) | {"peak_bytes": c.peak_bytes, "working_bytes": c.working_bytes}
+  client_flops = costs["client_head"].flops + costs["client_tail"].flops
+  out |= {"client_flops_per_example": client_flops / batch_size,
+          "server_flops_per_example": costs["server_body"].flops / batch_size}
+  out["client_share_flops"] = client_flops / max(client_flops + costs["server_body"].flops, 1.0)
+  out["client_peak_bytes"] = max(costs["client_head"].peak_bytes, costs["client_tail"].peak_bytes)
+  out["server_peak_bytes"] = costs["server_body"].peak_bytes
+  out["client_footprint_bytes"] = (out["client_param_bytes"] + out.get("client_lora_bytes", 0)
+                                   + out.get("client_opt_bytes", 0)
+                                   + costs["client_head"].working_bytes + costs["client_tail"].working_bytes)
+  step = traffic_per_step(config, batch_size, seq_len)
+  out |= {"bytes_up_per_step": step["up"], "bytes_down_per_step": step["down"]}
+  if micro_per_round is not None:
+    adapters = out.get("client_lora_bytes", 0)
+    out |= {"micro_per_round": micro_per_round,
+            "bytes_up_per_round": micro_per_round * step["up"] + adapters,
+            "bytes_down_per_round": micro_per_round * step["down"] + adapters}
+  return out
+
+
+# ----------------------------------------------------------------------------- flexible storage
+
+def client_footprint_bytes(config: ModelConfig, k: int, batch_size: int, seq_len: int, *,
+                           tx: optax.GradientTransformation | None = None, server_lora: str = "per_client") -> int:
+  """Client base params + adapters + optimizer state + working memory of its two compiled segments."""
+  base = abstract_params(config)
+  lora = abstract_lora(config, base)
+  split = param_split(config, base, k, lora=lora, tx=tx, server_lora=server_lora)
+  head, _, tail = split_shapes(config, base, k)
+  l_head, _, l_tail = split_shapes(config, lora, k) if lora is not None else (None, None, None)
+  working = 0
+  for name, p, l in (("client_head", head, l_head), ("client_tail", tail, l_tail)):
+    m, param_bytes, _ = _analyse(config, name, p, l, batch_size, seq_len, server_lora)
+    working += (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                - m.alias_size_in_bytes - param_bytes)
+  return int(split["client_param_bytes"] + split.get("client_lora_bytes", 0) + split.get("client_opt_bytes", 0)
+             + working)
+
+
+def choose_split_k(config: ModelConfig, budget_mb: float, batch_size: int, seq_len: int, *,
+                   tx: optax.GradientTransformation | None = None, server_lora: str = "per_client") -> int:
+  """The largest k in [0, L-1] whose `client_footprint_bytes` fits `budget_mb` MiB.
+
+  The footprint grows with k (more blocks, adapters, optimizer state and residuals on the client), so
+  a binary search compiles O(log L) head segments. Raises ValueError when even k=0 does not fit.
+  """
+  budget = budget_mb * MIB
+  fits = lambda k: client_footprint_bytes(config, k, batch_size, seq_len, tx=tx, server_lora=server_lora) <= budget
+  lo, hi = 0, config.num_layers - 1
+  if not fits(lo):
+    need = client_footprint_bytes(config, 0, batch_size, seq_len, tx=tx, server_lora=server_lora) / MIB
+    raise ValueError(f"client memory budget {budget_mb} MiB is below the k=0 footprint ({need:.1f} MiB: "
+                     f"embeddings, last block, head and their working memory for batch {batch_size}x{seq_len})")
+  while lo < hi:  # invariant: fits(lo)
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+  return lo
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  """A fixed-width text table of per-k reports (MiB, GFLOP per example)."""
+  cols = [("k", "k", lambda r: f"{r['k']}"),
+          ("client params", "cp", lambda r: f"{r['client_params'] / 1e6:.1f}M"),
+          ("server params", "sp", lambda r: f"{r['server_params'] / 1e6:.1f}M"),
+          ("client %", "cs", lambda r: f"{100 * r['client_share_params']:.1f}"),
+          ("client MiB", "cb", lambda r: f"{(r['client_param_bytes'] + r.get('client_lora_bytes', 0) + r.get('client_opt_bytes', 0)) / MIB:.1f}"),
+          ("client peak MiB", "pk", lambda r: f"{r['client_peak_bytes'] / MIB:.1f}"),
+          ("footprint MiB", "fp", lambda r: f"{r['client_footprint_bytes'] / MIB:.1f}"),
+          ("server peak MiB", "sk", lambda r: f"{r['server_peak_bytes'] / MIB:.1f}"),
+          ("client GFLOP/ex", "cf", lambda r: f"{r['client_flops_per_example'] / 1e9:.2f}"),
+          ("server GFLOP/ex", "sf", lambda r: f"{r['server_flops_per_example'] / 1e9:.2f}"),
+          ("client FLOP %", "cfs", lambda r: f"{100 * r['client_share_flops']:.1f}"),
+          ("up MiB/step", "up", lambda r: f"{r['bytes_up_per_step'] / MIB:.2f}")]
+  cells = [[c[0] for c in cols]] + [[c[2](r) for c in cols] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+  return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)

@@ -1,0 +1,89 @@
+"""`--mode=resources`: the flexible-storage table across cuts k, for real weights or a config.json alone.
+
+`run(cfg, split_ks)` prints a table and writes `<workdir>/resources.json`:
+  {"model", "model_config", "batch_size", "seq_len", "dtype", "server_lora", "micro_per_round",
+   "rows": [per-k `federated.resources.report`], ["auto_k", "client_memory_budget_mb"]}
+`--model` may be a preset, a .gguf file, an HF directory, or a directory (or file) holding only a
+config.json: shapes come from the config and no weights are read (`jax.eval_shape`).
+Micro-batches are `[--batch_size, --cutoff_len]`: the memory and traffic of the longest batch a run allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any
+
+from absl import logging
+
+import models
+from fellrec_jax.config import RunConfig
+from federated import resources
+from models.loading import hf_config
+
+DEFAULT_KS = (1, 2, 4, 8, 16, 20, 24)
+
+
+def model_config(cfg: RunConfig) -> models.ModelConfig:
+  """The run's ModelConfig with its LoRA settings; weights are read only when there is no config.json."""
+  path = pathlib.Path(cfg.model)
+  config_json = path / "config.json" if path.is_dir() else (path if path.name.endswith(".json") else None)
+  if config_json is not None and config_json.exists():
+    config = hf_config(json.loads(config_json.read_text()), dtype=cfg.dtype)
+  elif cfg.model in ("tiny-llama", "tiny-bert"):
+    config, _, _ = models.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
+  else:
+    config, _, _ = models.load(cfg.model, dtype=cfg.dtype)  # a preset or .gguf: its metadata decides the shapes
+  lora = models.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=tuple(cfg.lora_targets))
+  return dataclasses.replace(config, lora=lora, remat=cfg.remat)
+
+
+def micro_per_round(cfg: RunConfig) -> int | None:
+  """Micro-batches in one local round of the largest client (as the engine computes it), or None
+  when the run's data cannot be prepared here."""
+  try:
+    from federated import experiment
+    prep, _ = experiment.prepare(cfg)
+  except Exception as e:  # the table stands without per-round traffic
+    logging.warning("no per-round traffic: cannot prepare --dataset=%s (%s)", cfg.dataset, e)
+    return None
+  largest = max(len(prep.client_windows(c)) for c in range(prep.num_clients))
+  epoch_steps = math.ceil(largest / cfg.batch_size)
+  return cfg.grad_accum * max(1, math.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum))
+
+
+def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
+  config = model_config(cfg)
+  last = config.num_layers - 1
+  ks = list(split_ks) if split_ks else [k for k in DEFAULT_KS if k <= last]
+  bad = [k for k in ks if not 0 <= k <= last]
+  if bad:
+    raise ValueError(f"--split_k={bad} out of range: {cfg.model} has {config.num_layers} blocks, so 0 <= k <= {last}")
+  b, t = cfg.batch_size, cfg.cutoff_len
+  micro = micro_per_round(cfg)
+  base = resources.abstract_params(config)
+  lora = resources.abstract_lora(config, base)
+  cache: dict = {}
+  rows = [resources.report(config, k, batch_size=b, seq_len=t, base=base, lora=lora, server_lora=cfg.server_lora,
+                           micro_per_round=micro, flops_cache=cache) for k in ks]
+  out: dict[str, Any] = {"model": cfg.model, "model_config": dataclasses.asdict(config), "batch_size": b,
+                         "seq_len": t, "dtype": cfg.dtype, "server_lora": cfg.server_lora,
+                         "micro_per_round": micro, "rows": rows}
+  budget = getattr(cfg, "client_memory_budget_mb", None)
+  if budget:
+    out |= {"client_memory_budget_mb": budget,
+            "auto_k": resources.choose_split_k(config, budget, b, t, server_lora=cfg.server_lora)}
+  text = resources.table(rows)
+  print(f"{cfg.model}: {config.num_layers} blocks, {rows[0]['total_params'] / 1e6:.1f}M params, "
+        f"batch {b}x{t}, {cfg.dtype}, server LoRA {cfg.server_lora}")
+  print(text)
+  if "auto_k" in out:
+    print(f"--split_k=auto with --client_memory_budget_mb={budget}: k = {out['auto_k']}")
+  workdir = pathlib.Path(cfg.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "resources.json").write_text(json.dumps(out, indent=1))
+  logging.info("wrote %s", workdir / "resources.json")
+  return out
