@@ -19,7 +19,7 @@ import tqdm
 from absl import logging
 
 import models
-from fellrec_jax import checkpoint, sharding
+from fellrec_jax import checkpoint, privacy, sharding
 from fellrec_jax.config import RunConfig
 from fellrec_jax.data import pipeline
 from federated import client, strategies
@@ -109,6 +109,7 @@ class Engine:
     self._update_fns: dict[int | None, Callable] = {}
     self._heldout = jax.jit(make_heldout_loss(self.model_config, self.loss_fn, self.hidden))
     self._aggregate = jax.jit(self._aggregate_impl)
+    self.privatize = jax.jit(privacy.privatize_uploads, static_argnums=(3, 4))
     valid = heldout_batches(self.valid_examples, cfg.eval_batch_size)
     self.valid_batches = sharding.put(valid, sharding.per_client(self.mesh, valid))
 
@@ -221,12 +222,21 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     start = time.perf_counter()
     participating = engine.participants(r)
     batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
-    state, stats = engine.local_training(state, batches, jax.random.fold_in(jax.random.key(cfg.seed), r))
+    round_key = jax.random.fold_in(jax.random.key(cfg.seed), r)
+    anchor = state.lora
+    state, stats = engine.local_training(state, batches, round_key)
     stats = sharding.to_host(stats)
     losses = stats["loss"]
+    dp_norms = None
+    if cfg.dp_clip is not None:  # clients upload clipped, noised updates; aggregation only sees those
+      lora, dp_norms = engine.privatize(state.lora, anchor, jax.random.fold_in(round_key, 1), cfg.dp_clip,
+                                        cfg.dp_noise_multiplier, jnp.asarray(participating))
+      state = state.replace(lora=lora)
     log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(losses).tolist(),
            "bytes_up": float(np.sum(stats["bytes_up"])), "bytes_down": float(np.sum(stats["bytes_down"])),
            "local_steps": np.asarray(stats["steps"]).tolist()}
+    if dp_norms is not None:
+      log["dp_update_norm"] = sharding.to_host(dp_norms).tolist()
     if engine.strategy.name == "fellrec":
       log |= engine.fellrec_diagnostics(state, losses, participating, r)
     state = engine.aggregate(state, losses, participating, r)

@@ -13,10 +13,10 @@ import numpy as np
 from absl import logging
 
 import models
-from fellrec_jax import report, sharding
+from fellrec_jax import privacy, report, sharding
 from fellrec_jax.config import ConfigError, RunConfig
 from fellrec_jax.data import examples, pipeline, prepare_dataset
-from federated import client, evaluation, strategies
+from federated import client, evaluation, resources, strategies
 from federated import engine as engine_lib
 from models.tokenizer import pad_rows
 from models.warm_start import fit_causal_lm
@@ -47,7 +47,7 @@ def load_model(cfg: RunConfig, titles: list[str]):
   if not config.is_decoder and cfg.task == "generative":
     raise ConfigError(f"--task=generative needs a decoder, but --model={cfg.model!r} is an encoder: "
                       "use --task=discriminative")
-  for k in cfg.split_k or ():
+  for k in () if cfg.split_k == ("auto",) else cfg.split_k or ():
     if k > config.num_layers - 1:
       raise ConfigError(f"--split_k={k} out of range: {cfg.model} has {config.num_layers} blocks, so k <= "
                         f"{config.num_layers - 1}")
@@ -95,6 +95,18 @@ def _heldout_windows(prep, part: str, max_users: int | None):
   return out
 
 
+def resolve_auto_split(cfg: RunConfig, config: models.ModelConfig, seq_len: int) -> RunConfig:
+  """`--split_k=auto`: per client, the largest k whose client footprint fits its memory budget."""
+  if cfg.split_k != ("auto",):
+    return cfg
+  budgets = cfg.client_memory_budget_mb
+  chosen = {b: resources.choose_split_k(config, b, cfg.batch_size, seq_len, server_lora=cfg.server_lora)
+            for b in set(budgets)}
+  ks = tuple(chosen[b] for b in budgets)
+  logging.info("--split_k=auto: budgets %s MiB -> k=%s (batch %dx%d)", budgets, ks, cfg.batch_size, seq_len)
+  return dataclasses.replace(cfg, split_k=ks)
+
+
 def task_examples(cfg: RunConfig, config, tokenizer, prep) -> tuple[list, list]:
   """`(train, valid)` per-client examples for `cfg.task`."""
   if cfg.task == "generative":
@@ -115,6 +127,7 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
   if name == "centralized":
     train_prep = dataclasses.replace(prep, clients=np.zeros_like(prep.clients), num_clients=1)
   train_examples, valid_examples = task_examples(cfg, config, tokenizer, train_prep)
+  cfg = resolve_auto_split(cfg, config, int(train_examples[0].seq_len))
   cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(len(train_examples))]
   strategy = strategies.make_strategy(
       name, fellrec_alpha=cfg.fellrec_alpha, fellrec_beta=cfg.fellrec_beta,
@@ -182,15 +195,30 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   writer.scalars("test", test["overall"], len(history))
   writer.close()
   seconds = [log["seconds"] for log in history]
-  resources = parameter_counts(config, base, eng.cuts[0]) | {
+  usage = parameter_counts(config, base, eng.cuts[0]) | {
       "adapter_params_per_client": int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(best))),
       "bytes_up": float(sum(log["bytes_up"] for log in history)),
       "bytes_down": float(sum(log["bytes_down"] for log in history)),
       "seconds_per_round": statistics.median(seconds[1:] or seconds)}
+  if eng.cuts[0] is not None:  # memory, FLOPs and traffic of the client's and server's compiled segments
+    usage["split"] = [resources.report(config, k, batch_size=cfg.batch_size, seq_len=int(eng.train_examples[0].seq_len),
+                                       base=base, micro_per_round=eng.micro_per_round, server_lora=cfg.server_lora)
+                      for k in sorted(set(eng.cuts))]
   results = {"config": dataclasses.asdict(cfg), "strategy": name, "rounds": history, "test": test,
-             "resources": resources}
+             "resources": usage}
+  if cfg.dp_clip is not None:
+    results["dp"] = dp_summary(cfg, rounds=len(history), num_clients=eng.num_clients)
+    logging.info("[%s] DP: epsilon %.3g at delta %.2g after %d rounds", name, results["dp"]["epsilon"],
+                 results["dp"]["delta"], len(history))
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   return results
+
+
+def dp_summary(cfg: RunConfig, *, rounds: int, num_clients: int) -> dict:
+  """results.json["dp"]: the DP settings and the epsilon they give after `rounds` rounds."""
+  return privacy.dp_report(clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise_multiplier, rounds=rounds,
+                           num_clients=num_clients, clients_per_round=cfg.clients_per_round, delta=cfg.dp_delta,
+                           accountant=cfg.dp_accountant)
 
 
 def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
-MODES = ("train", "prepare")
+MODES = ("train", "prepare", "resources", "attack")
 
 
 class ConfigError(ValueError):
@@ -63,8 +63,14 @@ class RunConfig:
   client_group_size: int | None = None
   clients_per_round: int | None = None
   # split learning
-  split_k: tuple[int, ...] | None = None
+  split_k: tuple[int, ...] | tuple[str] | None = None  # ("auto",): chosen from client_memory_budget_mb
   server_lora: str = "per_client"
+  client_memory_budget_mb: tuple[float, ...] | None = None
+  # differential privacy of the uploads
+  dp_clip: float | None = None
+  dp_noise_multiplier: float = 0.0
+  dp_delta: float | None = None
+  dp_accountant: str = "rdp"
   # strategies
   fellrec_alpha: float = 0.7
   fellrec_beta: float = 1.0
@@ -107,7 +113,19 @@ class RunConfig:
          f"must be in [1, --num_clients={self.num_clients}]")
     need(self.split_k is None or len(self.split_k) in (1, self.num_clients), "split_k",
          f"give one k or one per client (--num_clients={self.num_clients})")
-    need(self.split_k is None or min(self.split_k) >= 0, "split_k", "k must be >= 0")
+    auto = self.split_k == ("auto",)
+    need(self.split_k is None or auto or all(isinstance(k, int) and k >= 0 for k in self.split_k), "split_k",
+         "give integers k >= 0, or 'auto'")
+    need(not auto or self.client_memory_budget_mb is not None, "split_k",
+         "'auto' needs --client_memory_budget_mb")
+    need(self.client_memory_budget_mb is None or (len(self.client_memory_budget_mb) in (1, self.num_clients)
+                                                  and min(self.client_memory_budget_mb) > 0),
+         "client_memory_budget_mb", f"give one budget > 0 or one per client (--num_clients={self.num_clients})")
+    need(self.dp_clip is None or self.dp_clip > 0, "dp_clip", "must be > 0")
+    need(self.dp_noise_multiplier >= 0, "dp_noise_multiplier", "must be >= 0")
+    need(self.dp_noise_multiplier == 0 or self.dp_clip is not None, "dp_noise_multiplier", "needs --dp_clip")
+    need(self.dp_delta is None or 0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)")
+    need(self.dp_accountant in ("rdp", "pld"), "dp_accountant", "expected 'rdp' or 'pld'")
     need(self.server_lora in ("per_client", "frozen"), "server_lora", "expected 'per_client' or 'frozen'")
     need(self.fellrec_variant in ("code", "paper"), "fellrec_variant", "expected 'code' or 'paper'")
     need(self.fellrec_beta > 0, "fellrec_beta", "must be > 0")
@@ -127,7 +145,9 @@ class RunConfig:
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
 
   def split_for_client(self, c: int) -> int | None:
-    """The cut of client c (None: unsplit)."""
+    """The cut of client c (None: unsplit); `split_k="auto"` must have been resolved first."""
     if self.split_k is None:
       return None
+    if self.split_k == ("auto",):
+      raise ConfigError("--split_k=auto is resolved from --client_memory_budget_mb once the model is loaded")
     return self.split_k[0] if len(self.split_k) == 1 else self.split_k[c]

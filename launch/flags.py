@@ -11,7 +11,9 @@ from absl import flags
 from fellrec_jax.config import MODES, STRATEGIES, ConfigError, RunConfig
 
 HELP = {
-    "mode": "train: run the strategies; prepare: only load/split/partition the data and write data_stats.json.",
+    "mode": "train: run the strategies; prepare: only load/split/partition the data and write data_stats.json; "
+            "resources: client/server parameters, memory, FLOPs and traffic across --split_k (resources.json); "
+            "attack: invert the activations the server sees at each --split_k (attack.json, attack.png).",
     "workdir": "Output directory (results.json, metrics.jsonl, checkpoints); a run resumes from its checkpoints.",
     "seed": "Seed for data generation, partition, adapter init, sampling and dropout.",
     "strategies": f"Comma list of strategies to run on the same data and budget: {','.join(STRATEGIES)}.",
@@ -56,8 +58,14 @@ HELP = {
     "client_execution": "vmap: all clients in one jitted program; sequential: one client at a time.",
     "client_group_size": "With vmap, run clients g at a time (lax.map batch_size) to bound memory.",
     "clients_per_round": "Clients sampled per round (default: all).",
-    "split_k": "U-shaped split: one k for all clients or a comma list with one k per client; "
-               "unset trains the whole model on the client.",
+    "split_k": "U-shaped split: one k for all clients, a comma list with one k per client, or 'auto' (the "
+               "largest k whose client footprint fits --client_memory_budget_mb); unset trains the whole model "
+               "on the client. With --mode=resources/attack: the cuts to tabulate.",
+    "client_memory_budget_mb": "Client memory budget(s) in MiB for --split_k=auto: one for all or one per client.",
+    "dp_clip": "Differential privacy: L2 bound on each client's per-round adapter update; unset disables DP.",
+    "dp_noise_multiplier": "Gaussian noise std / --dp_clip added to each clipped update before aggregation.",
+    "dp_delta": "delta of the reported epsilon (default min(1e-5, 1/(10 num_clients))).",
+    "dp_accountant": "Privacy accountant (dp-accounting): rdp or pld.",
     "server_lora": "per_client: the server keeps one adapter set per client on its blocks; frozen: none.",
     "fellrec_alpha": "FELLRec warm-weight alpha.",
     "fellrec_beta": "FELLRec warm-weight beta (curriculum heating speed).",
@@ -75,7 +83,8 @@ HELP = {
 ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_json"),
          "split": ("temporal", "loo"), "partition": ("kmeans", "random", "dirichlet", "mapping"),
          "client_execution": ("vmap", "sequential"), "server_lora": ("per_client", "frozen"),
-         "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative")}
+         "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative"),
+         "dp_accountant": ("rdp", "pld")}
 
 
 def _base_type(annotation):
@@ -85,23 +94,24 @@ def _base_type(annotation):
   return annotation
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines one flag per RunConfig field in `flag_values`."""
   hints = typing.get_type_hints(RunConfig)
   for field in dataclasses.fields(RunConfig):
     name, default, help_text = field.name, field.default, HELP[field.name]
     kind = _base_type(hints[name])
     if name in ENUMS:
-      flags.DEFINE_enum(name, default, ENUMS[name], help_text)
+      flags.DEFINE_enum(name, default, ENUMS[name], help_text, flag_values=flag_values)
     elif typing.get_origin(kind) is tuple:
-      flags.DEFINE_list(name, None if default is None else [str(x) for x in default], help_text)
+      flags.DEFINE_list(name, None if default is None else [str(x) for x in default], help_text, flag_values=flag_values)
     elif kind is bool:
-      flags.DEFINE_bool(name, default, help_text)
+      flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
     elif kind is int:
-      flags.DEFINE_integer(name, default, help_text)
+      flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
     elif kind is float:
-      flags.DEFINE_float(name, default, help_text)
+      flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
     else:
-      flags.DEFINE_string(name, default, help_text)
+      flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
 
 
 def config_from_flags(values: flags.FlagValues) -> RunConfig:
@@ -111,7 +121,9 @@ def config_from_flags(values: flags.FlagValues) -> RunConfig:
   for field in dataclasses.fields(RunConfig):
     value = values[field.name].value
     kind = _base_type(hints[field.name])
-    if typing.get_origin(kind) is tuple and value is not None:
+    if field.name == "split_k" and value == ["auto"]:
+      value = ("auto",)
+    elif typing.get_origin(kind) is tuple and value is not None:
       element = typing.get_args(kind)[0]
       try:
         value = tuple(element(v) for v in value)

@@ -33,6 +33,12 @@ def main(argv):
   except ConfigError as e:
     raise app.UsageError(str(e)) from e
   from federated import experiment  # after flag parsing so --help stays fast
+  if cfg.mode in ("resources", "attack"):
+    from launch import attack, resources
+    split_ks = None if cfg.split_k in (None, ("auto",)) else list(cfg.split_k)
+    (resources if cfg.mode == "resources" else attack).run(cfg, split_ks)
+    print(f"results are in {Path(cfg.workdir).absolute()}")
+    return
   if cfg.mode == "prepare":
     _, stats = experiment.prepare(cfg)
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)

@@ -72,16 +72,16 @@ def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
   out: dict[str, Any] = {"model": cfg.model, "model_config": dataclasses.asdict(config), "batch_size": b,
                          "seq_len": t, "dtype": cfg.dtype, "server_lora": cfg.server_lora,
                          "micro_per_round": micro, "rows": rows}
-  budget = getattr(cfg, "client_memory_budget_mb", None)
-  if budget:
-    out |= {"client_memory_budget_mb": budget,
-            "auto_k": resources.choose_split_k(config, budget, b, t, server_lora=cfg.server_lora)}
+  budgets = cfg.client_memory_budget_mb
+  if budgets:
+    out |= {"client_memory_budget_mb": list(budgets),
+            "auto_k": [resources.choose_split_k(config, mb, b, t, server_lora=cfg.server_lora) for mb in budgets]}
   text = resources.table(rows)
   print(f"{cfg.model}: {config.num_layers} blocks, {rows[0]['total_params'] / 1e6:.1f}M params, "
         f"batch {b}x{t}, {cfg.dtype}, server LoRA {cfg.server_lora}")
   print(text)
   if "auto_k" in out:
-    print(f"--split_k=auto with --client_memory_budget_mb={budget}: k = {out['auto_k']}")
+    print(f"--split_k=auto with --client_memory_budget_mb={list(budgets)}: k = {out['auto_k']}")
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "resources.json").write_text(json.dumps(out, indent=1))

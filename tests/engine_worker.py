@@ -33,7 +33,7 @@ def run(cfg, strategy: str = "fellrec", stop_after: int | None = None):
   prep, _ = prepare_dataset("synthetic", num_clients=cfg.num_clients, partition=cfg.partition, seed=cfg.seed,
                             synthetic_kwargs=SYNTHETIC)
   model = experiment.load_model(cfg, list(prep.titles))
-  eng, _ = experiment.build_engine(cfg, strategy, prep, model)
+  eng = experiment.build_engine(cfg, strategy, prep, model)
 
   def on_round(log):
     if stop_after is not None and log["round"] == stop_after:

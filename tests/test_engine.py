@@ -76,3 +76,14 @@ def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
   _finish([one, mesh, *multi])
   _assert_same(tmp_path / "one.npz", tmp_path / "mesh.npz")
   _assert_same(tmp_path / "one.npz", tmp_path / "multi.npz")
+
+
+def test_training_with_dp_still_learns_and_reports_epsilon(tmp_path):
+  from federated import experiment
+  cfg = engine_worker.make_config(str(tmp_path), rounds=3, dp_clip=2.0, dp_noise_multiplier=0.02)
+  _, history, eng = engine_worker.run(cfg, "fedavg")
+  first, last = np.asarray(history[0]["valid"]["loss"]), np.asarray(history[-1]["valid"]["loss"])
+  assert np.all(last < first), (first, last)
+  assert all(len(h["dp_update_norm"]) == cfg.num_clients for h in history)
+  report = experiment.dp_summary(cfg, rounds=len(history), num_clients=eng.num_clients)
+  assert np.isfinite(report["epsilon"]) and report["epsilon"] > 0 and report["noise_std"] == 2.0 * 0.02

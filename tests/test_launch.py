@@ -32,12 +32,19 @@ def test_bad_settings_name_their_flag(bad, flag):
 
 def test_list_flag_with_a_bad_element_names_the_flag():
   values = flags.FlagValues()
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(flags, "FLAGS", values)
-    run_flags.define_flags()
+  run_flags.define_flags(values)
   values(["prog", "--split_k=1,x"])
   with pytest.raises(ConfigError, match="--split_k"):
     run_flags.config_from_flags(values)
+
+
+def test_split_k_auto_needs_a_budget_and_parses():
+  values = flags.FlagValues()
+  run_flags.define_flags(values)
+  values(["prog", "--split_k=auto", "--client_memory_budget_mb=512"])
+  assert run_flags.config_from_flags(values).split_k == ("auto",)
+  with pytest.raises(ConfigError, match="--split_k"):
+    RunConfig(split_k=("auto",))
 
 
 def test_every_flag_has_help_text():
