@@ -111,7 +111,8 @@ class RunConfig:
          "client groups apply to --client_execution=vmap only")
     need(self.clients_per_round is None or 1 <= self.clients_per_round <= self.num_clients, "clients_per_round",
          f"must be in [1, --num_clients={self.num_clients}]")
-    need(self.split_k is None or len(self.split_k) in (1, self.num_clients), "split_k",
+    need(self.split_k is None or len(self.split_k) in (1, self.num_clients) or self.mode in ("resources", "attack"),
+         "split_k",
          f"give one k or one per client (--num_clients={self.num_clients})")
     auto = self.split_k == ("auto",)
     need(self.split_k is None or auto or all(isinstance(k, int) and k >= 0 for k in self.split_k), "split_k",

@@ -11,7 +11,7 @@ import pytest
 import models
 from federated import client
 
-C, S, A, B, T = 3, 3, 2, 2, 10
+C, S, A, B, T = 3, 2, 2, 2, 10
 
 
 def _setup(num_layers=4, dropout=0.0, targets=("q", "v", "down")):
@@ -44,7 +44,7 @@ def test_split_grads_equal_unsplit_and_traffic_is_counted():
   lora = jax.tree.map(lambda x: x + 0.01, lora)
   batch = jax.tree.map(lambda x: x[0, 0, 0], _batches(0))
   ref = client.unsplit_value_and_grad(client.LocalSpec(cfg), base, lora, batch, None)
-  for k in (0, 1, 2, 3):
+  for k in (0, 1, 3):  # the head-only, a middle and the empty-body cut (the model tests cover every k)
     got = client.split_value_and_grad(client.LocalSpec(cfg, split_k=k), base, lora, batch, None)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for g, r in zip(jax.tree.leaves(got[2]), jax.tree.leaves(ref[2])):
