@@ -105,10 +105,13 @@ class Engine:
     self.micro_per_round = cfg.grad_accum * max(1, int(np.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum)))
     self.steps_per_round = self.micro_per_round // cfg.grad_accum
     self.tx = make_optimizer(cfg, cfg.rounds * self.steps_per_round)
-    self.base = sharding.put(self.base, sharding.shared(self.mesh, self.base))
+    self.base_shardings = sharding.shared(self.mesh, self.base)
+    self.base = sharding.put(self.base, self.base_shardings)
+    per_client = sharding.over_clients(self.mesh, C)
     self._update_fns: dict[int | None, Callable] = {}
-    self._heldout = jax.jit(make_heldout_loss(self.model_config, self.loss_fn, self.hidden))
-    self._aggregate = jax.jit(self._aggregate_impl)
+    self._heldout = jax.jit(make_heldout_loss(self.model_config, self.loss_fn, self.hidden),
+                            in_shardings=(self.base_shardings, per_client, per_client), out_shardings=per_client)
+    self._aggregate = jax.jit(self._aggregate_impl, out_shardings=per_client)
     self.privatize = jax.jit(privacy.privatize_uploads, static_argnums=(3, 4))
     valid = heldout_batches(self.valid_examples, cfg.eval_batch_size)
     self.valid_batches = sharding.put(valid, sharding.per_client(self.mesh, valid))
@@ -126,11 +129,15 @@ class Engine:
   # ------------------------------------------------------------------ local training
 
   def _update_fn(self, k: int | None, num_clients: int) -> Callable:
+    """The jitted (or, for "sequential", per-client-jitted) local update of `num_clients` clients cut at k."""
     if (k, num_clients) not in self._update_fns:
       spec = client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora, hidden=self.hidden)
       local = client.make_local_update(spec, self.tx, self.strategy.local_penalty, self.loss_fn)
       run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size)
-      self._update_fns[(k, num_clients)] = run if self.cfg.client_execution == "sequential" else jax.jit(run)
+      if self.cfg.client_execution == "vmap":  # inputs and outputs pinned: per-client state stays split
+        per_client = sharding.over_clients(self.mesh, num_clients)
+        run = jax.jit(run, in_shardings=(self.base_shardings, *[per_client] * 4), out_shardings=per_client)
+      self._update_fns[(k, num_clients)] = run
     return self._update_fns[(k, num_clients)]
 
   def local_training(self, state: FedState, batches: dict[str, np.ndarray], rng: jax.Array):

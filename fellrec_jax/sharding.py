@@ -35,6 +35,11 @@ def per_client(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree)
 
 
+def over_clients(mesh: jax.sharding.Mesh, num_clients: int) -> NamedSharding:
+  """One sharding for every leaf with a leading axis of `num_clients` (a pytree prefix for jit)."""
+  return NamedSharding(mesh, P(CLIENTS) if num_clients % mesh.shape[CLIENTS] == 0 else P())
+
+
 def shared(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   """Shardings splitting each leaf's largest non-layer axis that `model` divides (else replicated)."""
   size = mesh.shape[MODEL]
