@@ -144,16 +144,6 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
 
 # ----------------------------------------------------------------------------- evaluation and results
 
-def parameter_counts(config: models.ModelConfig, base, k: int | None) -> dict[str, int]:
-  """Base parameters held by the client and by the server at cut k (None: all on the client)."""
-  count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-  if k is None:
-    return {"client_params": count(base), "server_params": 0}
-  head, body, tail = models.split(config, base, k)
-  tied = count(head.get("embed")) if config.tie_embeddings else 0  # the tied table is one array on the client
-  return {"client_params": count(head) + count(tail) - tied, "server_params": count(body)}
-
-
 def evaluate(cfg: RunConfig, model, lora_c, prep, part: str, item_emb: np.ndarray) -> dict:
   config, base, tokenizer = model
   kwargs = dict(ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, max_users=cfg.max_eval_users, item_emb=item_emb)
@@ -195,11 +185,13 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   writer.scalars("test", test["overall"], len(history))
   writer.close()
   seconds = [log["seconds"] for log in history]
-  usage = parameter_counts(config, base, eng.cuts[0]) | {
-      "adapter_params_per_client": int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(best))),
-      "bytes_up": float(sum(log["bytes_up"] for log in history)),
-      "bytes_down": float(sum(log["bytes_down"] for log in history)),
-      "seconds_per_round": statistics.median(seconds[1:] or seconds)}
+  held = ({"client_params": resources.count(base), "server_params": 0} if eng.cuts[0] is None
+          else resources.param_split(config, base, eng.cuts[0]))
+  usage = {"client_params": held["client_params"], "server_params": held["server_params"],
+           "adapter_params_per_client": resources.count(best) // prep.num_clients,
+           "bytes_up": float(sum(log["bytes_up"] for log in history)),
+           "bytes_down": float(sum(log["bytes_down"] for log in history)),
+           "seconds_per_round": statistics.median(seconds[1:] or seconds)}
   if eng.cuts[0] is not None:  # memory, FLOPs and traffic of the client's and server's compiled segments
     usage["split"] = [resources.report(config, k, batch_size=cfg.batch_size, seq_len=int(eng.train_examples[0].seq_len),
                                        base=base, micro_per_round=eng.micro_per_round, server_lora=cfg.server_lora)
