@@ -90,3 +90,11 @@ def test_training_with_dp_still_learns_and_reports_epsilon(tmp_path):
   assert all(len(h["dp_update_norm"]) == cfg.num_clients for h in history)
   report = experiment.dp_summary(cfg, rounds=len(history), num_clients=eng.num_clients)
   assert np.isfinite(report["epsilon"]) and report["epsilon"] > 0 and report["noise_std"] == 2.0 * 0.02
+
+
+def test_per_client_cuts_train_like_the_unsplit_model(tmp_path):
+  """Flexible storage: clients cut at different k (grouped by k) end where unsplit training ends."""
+  split, _, _ = engine_worker.run(engine_worker.make_config(str(tmp_path / "split"), split_k=(0, 1, 3), rounds=1))
+  whole, _, _ = engine_worker.run(engine_worker.make_config(str(tmp_path / "whole"), split_k=None, rounds=1))
+  for a, b in zip(_leaves(split.lora), _leaves(whole.lora)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
