@@ -163,25 +163,27 @@ class Engine:
 
   # ------------------------------------------------------------------ aggregation
 
-  def _aggregate_impl(self, lora, losses, weights, participating, round_index):
+  def _aggregate_impl(self, lora, losses, weights, participating, round_index, anchor):
     if not self.cfg.fellrec_private_tail:
-      return self.strategy.aggregate(lora, losses, weights, participating, round_index)
+      return self.strategy.aggregate(lora, losses, weights, participating, round_index, anchor)
     last = self.model_config.num_layers - 1  # the client-tail block's adapters stay private
-    shared = jax.tree.map(lambda x: x[:, :last], lora)
-    mixed = self.strategy.aggregate(shared, losses, weights, participating, round_index)
+    shared = lambda tree: jax.tree.map(lambda x: x[:, :last], tree)
+    mixed = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor))
     return jax.tree.map(lambda m, x: jnp.concatenate([m, x[:, last:]], axis=1), mixed, lora)
 
-  def aggregate(self, state: FedState, losses, participating: np.ndarray, round_index: int) -> FedState:
+  def aggregate(self, state: FedState, losses, participating: np.ndarray, round_index: int, anchor) -> FedState:
+    """Mixes the adapters; `anchor` are the adapters each client started the round from."""
     lora = self._aggregate(state.lora, losses, jnp.asarray(self.train_counts), jnp.asarray(participating),
-                           round_index)
+                           round_index, anchor)
     return state.replace(lora=lora)
 
-  def fellrec_diagnostics(self, state: FedState, losses, participating, round_index: int) -> dict:
+  def fellrec_diagnostics(self, state: FedState, losses, participating, round_index: int, anchor) -> dict:
     """The similarity matrix and warm weights FELLRec would use this round (for the logs)."""
     _, s, w = sharding.to_host(strategies.fellrec_weights(
         state.lora, jnp.asarray(losses), round_index, alpha=self.cfg.fellrec_alpha, beta=self.cfg.fellrec_beta,
         temperature=self.cfg.fellrec_temperature, variant=self.cfg.fellrec_variant,
-        participating_c=jnp.asarray(participating)))
+        participating_c=jnp.asarray(participating),
+        reference=anchor if self.cfg.fellrec_similarity == "update" else None))
     return {"similarity": s.round(4).tolist(), "warm_weights": w.round(4).tolist()}
 
   # ------------------------------------------------------------------ validation
@@ -245,8 +247,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     if dp_norms is not None:
       log["dp_update_norm"] = sharding.to_host(dp_norms).tolist()
     if engine.strategy.name == "fellrec":
-      log |= engine.fellrec_diagnostics(state, losses, participating, r)
-    state = engine.aggregate(state, losses, participating, r)
+      log |= engine.fellrec_diagnostics(state, losses, participating, r, anchor)
+    state = engine.aggregate(state, losses, participating, r, anchor)
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
       state, valid_loss = engine.validate(state)
       mean_valid = float(np.average(valid_loss, weights=np.maximum(engine.valid_counts, 1e-9)))

@@ -131,7 +131,8 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
   cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(len(train_examples))]
   strategy = strategies.make_strategy(
       name, fellrec_alpha=cfg.fellrec_alpha, fellrec_beta=cfg.fellrec_beta,
-      fellrec_temperature=cfg.fellrec_temperature, fellrec_variant=cfg.fellrec_variant, fedprox_mu=cfg.fedprox_mu)
+      fellrec_temperature=cfg.fellrec_temperature, fellrec_variant=cfg.fellrec_variant,
+      fellrec_similarity=cfg.fellrec_similarity, fedprox_mu=cfg.fedprox_mu)
   mesh = sharding.make_mesh(cfg.mesh_clients, cfg.mesh_model)
   task = {}
   if cfg.task == "discriminative":

@@ -1,11 +1,13 @@
 """Aggregation strategies: small pure functions behind one interface.
 
 A strategy is `Strategy(name, aggregate, local_penalty)`:
-  aggregate(stacked, losses_c, weights_c, participating_c, round_index) -> stacked
+  aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor) -> stacked
       `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
       mean local training losses, `weights_c` their training-example counts, `participating_c` marks
       the clients sampled this round (the others do not contribute; under FELLRec they keep their own
-      parameters, under FedAvg every client receives the participants' average).
+      parameters, under FedAvg every client receives the participants' average); `anchor` holds the
+      parameters each client started the round from (same structure as `stacked`), so
+      `stacked - anchor` is what each client learned this round.
   local_penalty(params, anchor) -> scalar added to a client's local loss (FedProx), or None.
 
 Every client keeps its own parameter copy; FedAvg-style strategies give all clients the same average.
@@ -70,15 +72,18 @@ def warm_weights(losses_c: jax.Array, round_index, *, alpha: float, beta: float,
 
 
 def fellrec_weights(stacked: PyTree, losses_c, round_index, *, alpha: float, beta: float, temperature: float = 0.05,
-                    variant: str = "code", participating_c=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    variant: str = "code", participating_c=None, reference: PyTree | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """FELLRec's mixing matrix `a` (`a_ii = 1`, `a_ij = w_i s_ij`) with the similarity and warm weights.
 
   The released BIGRec code applies the warm weight only when `beta != 1`; `variant="code"` keeps that
-  gate, `variant="paper"` always applies it.
+  gate, `variant="paper"` always applies it. The similarity compares the parameters themselves (as
+  released) or, with `reference`, the clients' updates `stacked - reference`.
   """
   if variant not in ("code", "paper"):
     raise ValueError(f"unknown FELLRec variant {variant!r}; expected 'code' or 'paper'")
-  s = parameter_similarity(stacked)
+  compared = stacked if reference is None else jax.tree.map(jnp.subtract, stacked, reference)
+  s = parameter_similarity(compared)
   w = warm_weights(losses_c, round_index, alpha=alpha, beta=beta, temperature=temperature, variant=variant,
                    participating_c=participating_c)
   applied = w if (variant == "paper" or beta != 1) else jnp.ones_like(w)
@@ -92,14 +97,16 @@ def fellrec_weights(stacked: PyTree, losses_c, round_index, *, alpha: float, bet
 
 
 def fellrec_aggregate(stacked: PyTree, losses, round_index, *, alpha: float, beta: float, temperature: float = 0.05,
-                      variant: str = "code", participating=None) -> PyTree:
+                      variant: str = "code", participating=None, reference: PyTree | None = None) -> PyTree:
   """FELLRec dynamic-balance aggregation: each client gets its own personalised aggregate.
 
   `stacked`: pytree with leading clients axis C; `losses`: `[C]` mean local training losses;
-  `round_index`: 0-based round. Returns the new stacked pytree (same structure and shapes).
+  `round_index`: 0-based round; `reference` (optional, like `stacked`): measure similarity on
+  `stacked - reference` instead of the parameters. Returns the new stacked pytree.
   """
   a, _, _ = fellrec_weights(stacked, jnp.asarray(losses), round_index, alpha=alpha, beta=beta,
-                            temperature=temperature, variant=variant, participating_c=participating)
+                            temperature=temperature, variant=variant, participating_c=participating,
+                            reference=reference)
   return mix(stacked, a)
 
 
@@ -121,14 +128,22 @@ def proximal_penalty(mu: float) -> Callable[[PyTree, PyTree], jax.Array]:
 
 def make_strategy(name: str, *, fellrec_alpha: float = 0.7, fellrec_beta: float = 1.0,
                   fellrec_temperature: float = 0.05, fellrec_variant: str = "code",
-                  fedprox_mu: float = 0.01) -> Strategy:
-  """The named strategy with its hyper-parameters bound."""
-  keep = lambda stacked, losses, weights, participating, round_index: stacked
-  fedavg = lambda stacked, losses, weights, participating, round_index: fedavg_aggregate(stacked, weights, participating)
+                  fellrec_similarity: str = "params", fedprox_mu: float = 0.01) -> Strategy:
+  """The named strategy with its hyper-parameters bound.
+
+  `fellrec_similarity`: "params" compares the adapters themselves (as released); "update" compares
+  what each client learned this round (`stacked - anchor`).
+  """
+  if fellrec_similarity not in ("params", "update"):
+    raise ValueError(f"unknown FELLRec similarity {fellrec_similarity!r}; expected 'params' or 'update'")
+  keep = lambda stacked, losses, weights, participating, round_index, anchor: stacked
+  fedavg = lambda stacked, losses, weights, participating, round_index, anchor: fedavg_aggregate(
+      stacked, weights, participating)
   if name == "fellrec":
-    def aggregate(stacked, losses, weights, participating, round_index):
+    def aggregate(stacked, losses, weights, participating, round_index, anchor):
       return fellrec_aggregate(stacked, losses, round_index, alpha=fellrec_alpha, beta=fellrec_beta,
-                               temperature=fellrec_temperature, variant=fellrec_variant, participating=participating)
+                               temperature=fellrec_temperature, variant=fellrec_variant, participating=participating,
+                               reference=anchor if fellrec_similarity == "update" else None)
     return Strategy("fellrec", aggregate)
   if name == "fedavg":
     return Strategy("fedavg", fedavg)

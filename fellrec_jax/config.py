@@ -76,6 +76,7 @@ class RunConfig:
   fellrec_beta: float = 1.0
   fellrec_temperature: float = 0.05
   fellrec_variant: str = "code"
+  fellrec_similarity: str = "params"
   fellrec_private_tail: bool = False
   fedprox_mu: float = 0.01
   # evaluation and the loop
@@ -129,6 +130,7 @@ class RunConfig:
     need(self.dp_accountant in ("rdp", "pld"), "dp_accountant", "expected 'rdp' or 'pld'")
     need(self.server_lora in ("per_client", "frozen"), "server_lora", "expected 'per_client' or 'frozen'")
     need(self.fellrec_variant in ("code", "paper"), "fellrec_variant", "expected 'code' or 'paper'")
+    need(self.fellrec_similarity in ("params", "update"), "fellrec_similarity", "expected 'params' or 'update'")
     need(self.fellrec_beta > 0, "fellrec_beta", "must be > 0")
     need(self.fellrec_temperature > 0, "fellrec_temperature", "must be > 0")
     need(self.fedprox_mu >= 0, "fedprox_mu", "must be >= 0")

@@ -71,6 +71,8 @@ HELP = {
     "fellrec_beta": "FELLRec warm-weight beta (curriculum heating speed).",
     "fellrec_temperature": "Temperature of the softmax over client losses.",
     "fellrec_variant": "code: exponent t + 1/beta and the released beta != 1 gate; paper: (t+1)/beta, always on.",
+    "fellrec_similarity": "params: cosine of the adapters themselves (as released; with a shared adapter init "
+                          "clients look near-identical); update: cosine of what each client learned this round.",
     "fellrec_private_tail": "Keep the client-tail block's adapters out of aggregation.",
     "fedprox_mu": "FedProx proximal coefficient mu.",
     "eval_every": "Validate every this many rounds.",
@@ -84,7 +86,7 @@ ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_
          "split": ("temporal", "loo"), "partition": ("kmeans", "random", "dirichlet", "mapping"),
          "client_execution": ("vmap", "sequential"), "server_lora": ("per_client", "frozen"),
          "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative"),
-         "dp_accountant": ("rdp", "pld")}
+         "dp_accountant": ("rdp", "pld"), "fellrec_similarity": ("params", "update")}
 
 
 def _base_type(annotation):

@@ -10,8 +10,11 @@ import pytest
 from federated import strategies
 
 
-def released_get_aggregate_lora_weight(client_vectors, train_loss, epoch, alpha, beta, variant):
-  """Transcribes BigRec_FELLRec/utils.py: warm weights, cosine similarity, weighted average."""
+def released_get_aggregate_lora_weight(client_vectors, train_loss, epoch, alpha, beta, variant, compared=None):
+  """Transcribes BigRec_FELLRec/utils.py: warm weights, cosine similarity, weighted average.
+
+  `compared` (our "update" similarity) replaces the vectors the cosine is taken of; the average is
+  still of `client_vectors`."""
   x = np.asarray(train_loss, np.float64) / 0.05
   e = np.exp(x - x.max())
   train_loss = e / e.sum()
@@ -20,7 +23,8 @@ def released_get_aggregate_lora_weight(client_vectors, train_loss, epoch, alpha,
   else:
     warm_weight = [math.tanh(alpha / (train_loss[i] ** ((epoch + 1) / beta))) for i in range(len(train_loss))]
   v = np.stack(client_vectors).astype(np.float64)
-  unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+  c = v if compared is None else np.stack(compared).astype(np.float64)
+  unit = c / np.linalg.norm(c, axis=1, keepdims=True)
   sim = (unit @ unit.T + 1) / 2
   if variant == "paper" or beta != 1:
     for i in range(len(sim)):
@@ -53,6 +57,20 @@ def test_fellrec_matches_released_numpy(variant, beta, epoch):
   got = jax.jit(strategies.fellrec_aggregate, static_argnames=("alpha", "beta", "temperature", "variant"))(
       stacked32, jnp.asarray(losses, jnp.float32), epoch, alpha=0.7, beta=beta, variant=variant)
   for i in range(c):
+    np.testing.assert_allclose(_flatten(got, i), expected[i], rtol=1e-5, atol=1e-5)
+
+
+def test_update_similarity_compares_what_clients_learned():
+  rng = np.random.default_rng(7)
+  stacked, start = _random_stack(rng, 4), _random_stack(rng, 4)
+  losses = rng.normal(2.0, 0.05, size=4)
+  deltas = [_flatten(stacked, i) - _flatten(start, i) for i in range(4)]
+  expected = released_get_aggregate_lora_weight([_flatten(stacked, i) for i in range(4)], losses, 1, 0.7, 5.0,
+                                                "paper", compared=deltas)
+  f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+  got = strategies.fellrec_aggregate(f32(stacked), jnp.asarray(losses, jnp.float32), 1, alpha=0.7, beta=5.0,
+                                     variant="paper", reference=f32(start))
+  for i in range(4):
     np.testing.assert_allclose(_flatten(got, i), expected[i], rtol=1e-5, atol=1e-5)
 
 
