@@ -57,14 +57,15 @@ def _forced_devices(n):
 
 
 def _assert_same(a_path, b_path):
-  """Equal up to float reassociation: sharded matmuls reduce in another order, and Adam's normalisation
-  turns that into ~1e-4 moves of a few adapter entries whose gradients are near zero."""
+  """Equal up to float reassociation: model-sharded matmuls reduce in another order, and Adam's
+  normalisation turns that into ~1e-4 moves of the few adapter entries whose gradients are near zero.
+  A real divergence (wrong sharding, a client mixed up) moves every entry by O(its size)."""
   a, b = np.load(a_path), np.load(b_path)
   assert sorted(a.files) == sorted(b.files)
   for key in a.files:
     diff = np.abs(a[key] - b[key])
     assert diff.max() < 2e-3, (key, diff.max())
-    assert np.mean(diff < 1e-5) > 0.99, (key, np.mean(diff < 1e-5))
+    assert diff.mean() < 1e-3 * np.abs(b[key]).mean() + 1e-7, (key, diff.mean(), np.abs(b[key]).mean())
 
 
 def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
