@@ -85,16 +85,6 @@ def _prompt_examples(cfg, config, tokenizer, windows_per_client, titles, noun) -
                                             left_pad=config.is_decoder) for rs, w in zip(rows, windows_per_client)]
 
 
-def _heldout_windows(prep, part: str, max_users: int | None):
-  """Per client, the `part` windows with each user's first target as the label."""
-  out = []
-  for c in range(prep.num_clients):
-    windows, targets = prep.eval_examples(c, part)
-    windows = dataclasses.replace(windows, target=np.asarray([t[0] for t in targets], np.int32))
-    out.append(windows.take(np.arange(len(windows))[:max_users]))
-  return out
-
-
 def resolve_auto_split(cfg: RunConfig, config: models.ModelConfig, seq_len: int) -> RunConfig:
   """`--split_k=auto`: per client, the largest k whose client footprint fits its memory budget."""
   if cfg.split_k != ("auto",):
@@ -116,7 +106,7 @@ def task_examples(cfg: RunConfig, config, tokenizer, prep) -> tuple[list, list]:
   noun = prep.dataset.item_noun
   train = [prep.client_windows(c) for c in range(prep.num_clients)]
   return (_prompt_examples(cfg, config, tokenizer, train, prep.titles, noun),
-          _prompt_examples(cfg, config, tokenizer, _heldout_windows(prep, "valid", cfg.max_eval_users),
+          _prompt_examples(cfg, config, tokenizer, pipeline.heldout_windows(prep, "valid", cfg.max_eval_users),
                            prep.titles, noun))
 
 

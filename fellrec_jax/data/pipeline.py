@@ -187,15 +187,23 @@ def generative_clients(prep: PreparedData, tokenizer: Tokenizer, **kwargs) -> li
   return tokenize_clients(records, tokenizer, **kwargs)
 
 
-def heldout_clients(prep: PreparedData, tokenizer: Tokenizer, part: str, *, max_users: int | None = None,
-                    **kwargs) -> list[TokenizedExamples]:
-  """Per client, `part` ("valid"/"test") prompts answered with each user's first target title: the
-  held-out language-model loss. `max_users` keeps each client's first users only."""
-  records = []
+def heldout_windows(prep: PreparedData, part: str, max_users: int | None = None) -> list[examples_lib.Windows]:
+  """Per client, its `part` ("valid"/"test") windows labelled with each user's first target;
+  `max_users` keeps each client's first users only."""
+  out = []
   for c in range(prep.num_clients):
     windows, targets = prep.eval_examples(c, part)
     windows = dataclasses.replace(windows, target=np.asarray([t[0] for t in targets], np.int32))
-    records.append(examples_lib.window_records(windows, prep.titles, prep.dataset.item_noun)[:max_users])
+    out.append(windows.take(np.arange(len(windows))[:max_users]))
+  return out
+
+
+def heldout_clients(prep: PreparedData, tokenizer: Tokenizer, part: str, *, max_users: int | None = None,
+                    **kwargs) -> list[TokenizedExamples]:
+  """Per client, `heldout_windows` prompts answered with the first target's title: the held-out
+  language-model loss."""
+  records = [examples_lib.window_records(w, prep.titles, prep.dataset.item_noun)
+             for w in heldout_windows(prep, part, max_users)]
   return tokenize_clients(records, tokenizer, **kwargs)
 
 
