@@ -6,9 +6,10 @@ activation gradients travel back the same way. Those four arrays are what crosse
 are counted from the arrays themselves.
 
 Batch layout seen by one client's local round (the clients axis C is added by vmap):
-  input_ids, attention_mask, loss_mask: [S, A, B, T]   (S steps, A accumulation micro-batches)
-  example_mask:                         [S, A, B]
-`loss_mask[..., t] = 1` when the token at `t + 1` is a target (see `fellrec_jax.data.pipeline`).
+  input_ids, attention_mask: [S, A, B, T]   (S steps, A accumulation micro-batches)
+  target_index, target_mask: [S, A, B, R]   (positions whose next token is a target; see
+                                             `fellrec_jax.data.pipeline`)
+  example_mask:              [S, A, B]
 """
 
 from __future__ import annotations
@@ -46,12 +47,21 @@ class LocalSpec:
       raise ValueError(f"server_lora must be 'per_client' or 'frozen', got {self.server_lora!r}")
 
 
-def generative_loss(logits_btv: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy over target positions, and the number of target tokens."""
-  targets_bt = jnp.roll(batch["input_ids"], -1, axis=-1)
-  mask = batch["loss_mask"] * batch["example_mask"][..., None]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits_btv.astype(jnp.float32), targets_bt)
+def generative_loss(logits_brv: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over the target positions, and the number of target tokens.
+
+  `logits_brv` are the logits at `batch["target_index"]` only (`model_outputs` asks the model for those).
+  """
+  targets_br = jnp.take_along_axis(batch["input_ids"], batch["target_index"] + 1, axis=-1)
+  mask = batch["target_mask"] * batch["example_mask"][..., None]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits_brv.astype(jnp.float32), targets_br)
   return jnp.sum(nll * mask), jnp.sum(mask).astype(jnp.float32)
+
+
+def model_outputs(hidden: bool, batch: Batch) -> dict[str, Any]:
+  """The output keywords of `models.apply` / `models.client_tail` a loss needs: final hidden states
+  (discriminative), or logits at the batch's target positions (generative)."""
+  return {"hidden": True} if hidden else {"logits_at": batch["target_index"]}
 
 
 def cosine_scores(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
@@ -102,7 +112,8 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
     act_down, frozen_vjp = jax.vjp(lambda a: models.server_body(cfg, body, a, mask), act_up)
     body_vjp = lambda g: (jax.tree.map(jnp.zeros_like, lora_body), *frozen_vjp(g))
   loss_sum, tail_vjp, count = jax.vjp(
-      lambda lt, a: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2], hidden=spec.hidden), batch),
+      lambda lt, a: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2],
+                                               **model_outputs(spec.hidden, batch)), batch),
       lora_tail, act_down, has_aux=True)
 
   grad_tail, grad_down = tail_vjp(jnp.ones_like(loss_sum))
@@ -117,7 +128,7 @@ def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: B
   """Same contract as `split_value_and_grad` for the whole model in one place (no traffic)."""
   def loss(lp):
     out = models.apply(spec.config, base, batch["input_ids"], batch["attention_mask"], lora=lp, rng=rng,
-                       hidden=spec.hidden)
+                       **model_outputs(spec.hidden, batch))
     return loss_fn(out, batch)
   (loss_sum, count), grads = jax.value_and_grad(loss, has_aux=True)(lora)
   return loss_sum, count, grads, {"up": 0, "down": 0}
@@ -167,17 +178,43 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   return local_update
 
 
+def in_groups(vmapped, group_size: int):
+  """Runs `vmapped(base, lora, opt_state, batches, keys)` over the clients axis g at a time, writing each
+  group's new adapters and optimizer state back into the stacked state in place.
+
+  A `fori_loop` over groups carries the whole `[C, ...]` state and updates a `[g, ...]` slice per
+  iteration, so with donated inputs the state exists once; `lax.map` would stack its outputs into new
+  buffers beside the inputs and hold the state twice. A last group of `C mod g` clients runs after the loop.
+  """
+  def run(base, lora, opt_state, batches, keys):
+    num_clients = jax.tree.leaves(lora)[0].shape[0]
+    size = min(group_size, num_clients)
+    full, rest = divmod(num_clients, size)
+    rows = lambda tree, start, size: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
+    write = lambda tree, part, start: jax.tree.map(lambda x, p: jax.lax.dynamic_update_slice_in_dim(x, p, start, 0),
+                                                    tree, part)
+    group_stats = jax.eval_shape(vmapped, base, *rows((lora, opt_state, batches, keys), 0, 1))[2]
+    stats = jax.tree.map(lambda s: jnp.zeros((num_clients, *s.shape[1:]), s.dtype), group_stats)
+
+    def group(start, size, carry):
+      lora, opt_state, stats = carry
+      new = vmapped(base, *rows((lora, opt_state, batches, keys), start, size))
+      return write(lora, new[0], start), write(opt_state, new[1], start), write(stats, new[2], start)
+
+    carry = jax.lax.fori_loop(0, full, lambda i, c: group(i * size, size, c), (lora, opt_state, stats))
+    return group(full * size, rest, carry) if rest else carry
+  return run
+
+
 def over_clients(local_update, execution: str = "vmap", group_size: int | None = None):
   """Lifts a one-client update to stacked clients; the base weights are shared, not vmapped.
 
-  execution: "vmap" (all clients in one program; `group_size` runs them g at a time with
-  `lax.map(batch_size=g)` to bound memory) or "sequential" (a Python loop, one jitted call per client).
+  execution: "vmap" (all clients in one program; `group_size` runs them g at a time, `in_groups`, to
+  bound memory) or "sequential" (a Python loop, one jitted call per client).
   """
   if execution == "vmap":
-    if group_size:
-      return lambda base, *per_client: jax.lax.map(lambda xs: local_update(base, *xs), per_client,
-                                                   batch_size=group_size)
-    return jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+    vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+    return in_groups(vmapped, group_size) if group_size and group_size > 0 else vmapped
   if execution == "sequential":
     one = jax.jit(local_update)
 

@@ -73,7 +73,8 @@ def make_heldout_loss(config: models.ModelConfig, loss_fn=client.generative_loss
   """`(base, lora_c, batches [C, S, ...]) -> (mean loss [C], count [C])` of each client's own adapter."""
   def one_client(base, lora, batches):
     def step(acc, batch):
-      out = models.apply(config, base, batch["input_ids"], batch["attention_mask"], lora=lora, hidden=hidden)
+      out = models.apply(config, base, batch["input_ids"], batch["attention_mask"], lora=lora,
+                         **client.model_outputs(hidden, batch))
       loss_sum, count = loss_fn(out, batch)
       return (acc[0] + loss_sum, acc[1] + count), None
     (loss_sum, count), _ = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), batches)
@@ -136,7 +137,9 @@ class Engine:
       run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size)
       if self.cfg.client_execution == "vmap":  # inputs and outputs pinned: per-client state stays split
         per_client = sharding.over_clients(self.mesh, num_clients)
-        run = jax.jit(run, in_shardings=(self.base_shardings, *[per_client] * 4), out_shardings=per_client)
+        # The optimizer state (2x the adapters) is donated; the adapters are not: the round's anchor.
+        run = jax.jit(run, in_shardings=(self.base_shardings, *[per_client] * 4), out_shardings=per_client,
+                      donate_argnums=(2,))
       self._update_fns[(k, num_clients)] = run
     return self._update_fns[(k, num_clients)]
 

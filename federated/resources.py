@@ -154,7 +154,8 @@ def segment_fns(config: ModelConfig, server_lora: str = "per_client") -> dict[st
 
   def tail_step(tail, lora_tail, act_btd, batch):
     (loss, _), vjp = jax.vjp(
-        lambda lt, a: generative_loss(models.client_tail(config, tail, a, batch["attention_mask"], lora=lt), batch),
+        lambda lt, a: generative_loss(models.client_tail(config, tail, a, batch["attention_mask"], lora=lt,
+                                                         logits_at=batch["target_index"]), batch),
         lora_tail, act_btd)
     return (loss, *vjp((jnp.ones_like(loss), jnp.zeros(()))))
 
@@ -168,7 +169,9 @@ def _segment_args(config: ModelConfig, name: str, params: Params, lora: Params |
     return (params, lora, ids, ids, act)
   if name == "server_body":
     return (params, lora, act, ids, act)
-  batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids, "example_mask": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  # Loss at every position, as the released code trained (train_on_inputs=True): the head's worst case.
+  batch = {"input_ids": ids, "attention_mask": ids, "target_index": ids, "target_mask": ids,
+           "example_mask": jax.ShapeDtypeStruct((b,), jnp.int32)}
   return (params, lora, act, batch)
 
 

@@ -3,6 +3,7 @@
 Sections (each prints a table row per measurement and lands in the JSON under its key):
   client_execution  round time and tokens/s of C clients, vmapped vs sequential, same data and model
   mfu               achieved FLOP/s of the vmapped training round / peak FLOP/s
+  loss_positions    the round with the loss (and the head) on every token vs on a short response
   aggregation       jitted `fellrec_aggregate` time vs a roofline (bandwidth and compute)
   scale             most simulated clients per round that fit this machine (SmolLM2-135M adapters + AdamW)
   original_design   the released code's pattern (clients one by one, base reloaded per client) vs ours
@@ -31,14 +32,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small sizes only (about a minute on 2 CPU cores).")
 flags.DEFINE_bool("gpu", False, "GPU figures: bf16 SmolLM2 with C*B >= 64, published chip peak for MFU.")
 flags.DEFINE_string("out", "benchmark.json", "Where the JSON results go.")
-flags.DEFINE_list("sections", ["client_execution", "mfu", "aggregation", "scale", "original_design"],
+flags.DEFINE_list("sections", ["client_execution", "mfu", "loss_positions", "aggregation", "scale", "original_design"],
                   "Sections to run.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported), after one warm-up call.")
 flags.DEFINE_integer("exec_clients", 16, "Clients per round for the client-execution section (tiny-llama).")
 flags.DEFINE_integer("exec_batch_size", 2, "Per-client micro-batch size B of the client-execution section.")
 flags.DEFINE_integer("exec_seq_len", 32, "Tokens per example T of the client-execution section.")
 flags.DEFINE_integer("exec_local_steps", 2, "Local optimizer steps S per round of the client-execution section.")
-flags.DEFINE_integer("scale_group_size", 16, "Clients per vmapped group (lax.map batch_size) in the scale section.")
+flags.DEFINE_integer("scale_group_size", 16, "Clients per vmapped group (client_group_size) in the scale section.")
 flags.DEFINE_bool("scale_run", None, "Also run one full round at the largest client count (slow on CPU); "
                   "default: on with --gpu, off otherwise.")
 flags.DEFINE_float("memory_fraction", 0.9, "Share of the available memory the scale section may plan to use.")
@@ -224,18 +225,24 @@ def make_model(name: str, dtype: str = "float32"):
 
 
 def synthetic_batches(num_clients: int, steps: int, accum: int, batch: int, seq_len: int, vocab: int,
-                      pad_id: int = 0, seed: int = 0) -> dict:
-  """Right-padded random token batches `[C, S, A, B, T]` with lengths in `[T/2, T]`; every real next
-  token is a target (`loss_mask[t] = 1` when token `t + 1` is real)."""
+                      pad_id: int = 0, seed: int = 0, response_tokens: int | None = None) -> dict:
+  """Right-padded random token batches `[C, S, A, B, T]` with lengths in `[T/2, T]`. The targets are the
+  last `response_tokens` real tokens of each row (a BIGRec response), or every real token after the
+  first when None (train_on_inputs); `target_index` rows have R = T-1 or `response_tokens` entries."""
   import numpy as np
+  from fellrec_jax.data import pipeline
   rng = np.random.default_rng(seed)
   shape = (num_clients, steps, accum, batch)
   lengths = rng.integers(max(2, seq_len // 2), seq_len + 1, shape)
   attention = (np.arange(seq_len) < lengths[..., None]).astype(np.int32)
   ids = np.where(attention > 0, rng.integers(1, vocab, (*shape, seq_len)), pad_id).astype(np.int32)
-  loss_mask = np.zeros_like(attention, dtype=np.float32)
+  loss_mask = np.zeros_like(attention)
   loss_mask[..., :-1] = attention[..., 1:]
-  return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
+  if response_tokens is not None:
+    loss_mask *= np.arange(seq_len) >= (lengths - 1 - response_tokens)[..., None]
+  target_index, target_mask = pipeline.targets_from_loss_mask(
+      loss_mask, seq_len - 1 if response_tokens is None else response_tokens)
+  return {"input_ids": ids, "attention_mask": attention, "target_index": target_index, "target_mask": target_mask,
           "example_mask": np.ones(shape, np.float32)}
 
 
@@ -264,10 +271,11 @@ class Round:
     return int(self.batches["attention_mask"].sum())
 
   def target_tokens(self) -> int:
-    return int((self.batches["loss_mask"] * self.batches["example_mask"][..., None]).sum())
+    return int((self.batches["target_mask"] * self.batches["example_mask"][..., None]).sum())
 
 
-def make_round(config, base, num_clients: int, steps: int, batch: int, seq_len: int, accum: int = 1) -> Round:
+def make_round(config, base, num_clients: int, steps: int, batch: int, seq_len: int, accum: int = 1,
+               response_tokens: int | None = None) -> Round:
   import jax
   import jax.numpy as jnp
   import models
@@ -276,7 +284,8 @@ def make_round(config, base, num_clients: int, steps: int, batch: int, seq_len: 
   lora = engine.stack_clients(models.init_lora(config, base, jax.random.key(1)), num_clients)
   lora = jax.tree.map(jnp.array, lora)  # materialise the broadcast: every client owns its copy
   batches = {k: jnp.asarray(v) for k, v in synthetic_batches(
-      num_clients, steps, accum, batch, seq_len, config.vocab_size, config.pad_id).items()}
+      num_clients, steps, accum, batch, seq_len, config.vocab_size, config.pad_id,
+      response_tokens=response_tokens).items()}
   return Round(config, base, lora, jax.vmap(tx.init)(lora), batches,
                jax.random.split(jax.random.key(0), num_clients), tx)
 
@@ -363,6 +372,30 @@ def mfu_summary(execution: dict, peak_flops: float, peak_source: str) -> dict:
                           "scan bodies x length; forward + backward through the frozen base (no base weight "
                           "grads) + LoRA grads; elementwise ops excluded. xla_cost_analysis in the runs is XLA's "
                           "own count, which on CPU counts loop bodies once."}
+
+
+def loss_positions_section(quick: bool, gpu: bool, repeats: int, model: str = "smollm2-135m") -> dict:
+  """A vmapped round with the loss on every token (train_on_inputs: the head and its fp32 logits at T-1
+  positions) vs on a 16-token response (BIGRec's default: the head at 16 positions)."""
+  import jax
+  from federated import client
+  dtype = "bfloat16" if gpu else "float32"
+  config, base = make_model(model, dtype)
+  c, b, t = (16, 4, 256) if gpu else ((2, 1, 64) if quick else (4, 2, 128))
+  table = Table(f"loss positions: {model}/{dtype}, vmapped round, C={c} B={b} T={t}",
+                ["targets", "seconds", "peak GB", "target tok/s"])
+  runs = {}
+  for name, response in (("every_token", None), ("response_16", 16)):
+    rnd = make_round(config, base, c, 1, b, t, response_tokens=response)
+    compiled = jax.jit(client.over_clients(local_update(rnd), "vmap")).lower(*rnd.args()).compile()
+    seconds, _ = median_seconds(lambda: compiled(*rnd.args()), repeats)
+    mem = compiled_memory(compiled)
+    runs[name] = {"seconds": seconds, "peak_bytes": mem["peak_bytes"], "target_tokens": rnd.target_tokens(),
+                  "head_positions": int(rnd.batches["target_index"].shape[-1])}
+    table.add(name, seconds, mem["peak_bytes"] / 1e9, rnd.target_tokens() / seconds)
+  return {"model": f"{model}/{dtype}", "shape": {"C": c, "B": b, "T": t}, "runs": runs,
+          "speedup": runs["every_token"]["seconds"] / runs["response_16"]["seconds"],
+          "memory_ratio": runs["every_token"]["peak_bytes"] / runs["response_16"]["peak_bytes"]}
 
 
 # ============================================================================ 3. aggregation
@@ -458,7 +491,8 @@ def abstract_round(config, base, num_clients: int, steps: int, batch: int, seq_l
   shape = (num_clients, steps, 1, batch)
   batches = {"input_ids": jax.ShapeDtypeStruct((*shape, seq_len), jnp.int32),
              "attention_mask": jax.ShapeDtypeStruct((*shape, seq_len), jnp.int32),
-             "loss_mask": jax.ShapeDtypeStruct((*shape, seq_len), jnp.float32),
+             "target_index": jax.ShapeDtypeStruct((*shape, seq_len - 1), jnp.int32),  # as make_round: R = T-1
+             "target_mask": jax.ShapeDtypeStruct((*shape, seq_len - 1), jnp.int32),
              "example_mask": jax.ShapeDtypeStruct(shape, jnp.float32)}
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_clients))
   base_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
@@ -482,8 +516,9 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
   Memory is linear in C (per-client state, data and outputs) plus a fixed part (base weights, one
   group's activations): fit it from XLA's memory analysis at two sizes, solve for the budget, then
   confirm by compiling at that C (`confirm`). `run_round` runs one round at that C; otherwise `check_run`
-  runs one group-sized round to show the program executes. The round donates the adapter/optimizer buffers (new state overwrites
-  old); the undonated figure is reported too, as the engine currently jits without donation.
+  runs one group-sized round to show the program executes. The headline round donates the adapter and
+  optimizer buffers, so the grouped loop updates the state in place; "engine" donates the optimizer
+  state only (the engine keeps each round's starting adapters as the anchor), "undonated" nothing.
   """
   import jax
   import optax
@@ -495,11 +530,12 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
   update = client.over_clients(client.make_local_update(client.LocalSpec(config), tx), "vmap", group_size=g)
   budget = int(available_memory_bytes() * FLAGS.memory_fraction)
   table = Table(f"scale: {model}, r=8 q,v + AdamW, groups of {g}, S={steps} B={batch} T={seq_len}",
-                ["C", "donated", "peak GB", "budget GB", "fits", "compile s"])
+                ["C", "donation", "peak GB", "budget GB", "fits", "compile s"])
+  donations = {"donated": (1, 2), "engine": (2,), "undonated": ()}
 
-  def memory(c: int, donate: bool) -> dict:
+  def memory(c: int, donate: str) -> dict:
     start = time.perf_counter()
-    jitted = jax.jit(update, donate_argnums=(1, 2) if donate else ())
+    jitted = jax.jit(update, donate_argnums=donations[donate])
     mem = compiled_memory(jitted.lower(*abstract_round(config, base, c, steps, batch, seq_len, tx)).compile())
     table.add(c, donate, mem["peak_bytes"] / 1e9, budget / 1e9, mem["peak_bytes"] <= budget,
               time.perf_counter() - start)
@@ -512,9 +548,7 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
             "base_bytes": tree_bytes(base), "adapter_bytes_per_client": tree_bytes(one[1]),
             "optimizer_bytes_per_client": tree_bytes(one[2]), "state_bytes_per_client": state_per_client,
             "data_bytes_per_client": data_per_client}
-  # The undonated pass gives the same peak under lax.map (XLA copies the donated state into a temporary),
-  # so quick and GPU runs skip it.
-  for donate in (True,) if (quick or gpu) else (True, False):
+  for donate in ("donated",) if (quick or gpu) else tuple(donations):
     lo, hi = 4 * g, 16 * g
     m_lo, m_hi = memory(lo, donate), memory(hi, donate)
     per_client = (m_hi["peak_bytes"] - m_lo["peak_bytes"]) / (hi - lo)
@@ -524,8 +558,7 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
     while confirm and confirmed["peak_bytes"] > budget and best > g:  # the linear fit was optimistic: step down
       best -= g
       confirmed = memory(best, donate)
-    key = "donated" if donate else "undonated"
-    result[key] = {"max_clients": best, "measured_bytes_per_client": per_client, "fixed_bytes": fixed,
+    result[donate] = {"max_clients": best, "measured_bytes_per_client": per_client, "fixed_bytes": fixed,
                    "at_max": confirmed}
   result["max_clients"] = result["donated"]["max_clients"]
   # What the whole machine would hold (the budget above is what is free now, with other processes running).
@@ -648,6 +681,8 @@ def run(quick: bool, gpu: bool, sections: list[str], repeats: int) -> dict:
   if "client_execution" in sections or "mfu" in sections:
     out["client_execution"] = client_execution_section(quick, gpu, repeats, peak)
     out["mfu"] = mfu_summary(out["client_execution"], peak, peak_source)
+  if "loss_positions" in sections:
+    out["loss_positions"] = loss_positions_section(quick, gpu, repeats)
   if "aggregation" in sections:
     out["aggregation"] = aggregation_section(quick, repeats, bw["bytes_per_s"], peak)
   if "scale" in sections:
@@ -666,6 +701,10 @@ def summary(out: dict) -> None:
     print(f"vmap / sequential round throughput: {out['client_execution']['speedup']:.2f}x "
           f"({out['client_execution']['headline']}; target >= 2x)")
     print(f"MFU: {out['mfu']['value']:.1%} ({out['mfu']['headline']}; peak: {out['mfu']['peak_source']})")
+  if "loss_positions" in out:
+    lp = out["loss_positions"]
+    print(f"loss on a 16-token response vs every token ({lp['model']} {lp['shape']}): {lp['speedup']:.2f}x faster, "
+          f"{lp['memory_ratio']:.2f}x less peak memory")
   for entry in out.get("aggregation", []):
     if entry["C"] == 256 and entry.get("seconds"):
       print(f"aggregation C=256 {entry['model']}: {entry['roofline_fraction']:.0%} of roofline "

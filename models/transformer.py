@@ -213,10 +213,19 @@ def lm_head(config: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
   return jnp.einsum("btd,dv->btv", x_btd, w.astype(x_btd.dtype), preferred_element_type=jnp.float32)
 
 
-def outputs(config: ModelConfig, params: Params, x_btd: jax.Array, *, hidden: bool = False) -> jax.Array:
-  """Decoder logits `[B, T, V]`, or the final (normed) hidden states `[B, T, D]` when `hidden` or for encoders."""
+def outputs(config: ModelConfig, params: Params, x_btd: jax.Array, *, hidden: bool = False,
+            logits_at: jax.Array | None = None) -> jax.Array:
+  """Decoder logits `[B, T, V]`, or the final (normed) hidden states `[B, T, D]` when `hidden` or for encoders.
+
+  `logits_at` `[B, R]` asks for logits at those positions only, `[B, R, V]`: training on a short response
+  needs a few of the T positions, and the head (V columns, fp32 logits) is the costliest part to spare.
+  """
   x = final_norm(config, params, x_btd)
-  return lm_head(config, params, x) if config.is_decoder and not hidden else x
+  if not config.is_decoder or hidden:
+    return x
+  if logits_at is not None:
+    x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+  return lm_head(config, params, x)
 
 
 def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
@@ -226,9 +235,10 @@ def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
 
 
 def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
-          *, lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False) -> jax.Array:
-  """The unsplit forward: logits `[B, T, V]` (decoder) or last hidden states `[B, T, D]` (encoder, or a
-  decoder with `hidden=True`: after the final norm).
+          *, lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False,
+          logits_at: jax.Array | None = None) -> jax.Array:
+  """The unsplit forward: logits `[B, T, V]` (decoder; `[B, R, V]` at positions `logits_at` `[B, R]`) or
+  last hidden states `[B, T, D]` (encoder, or a decoder with `hidden=True`: after the final norm).
 
   `rng` enables LoRA dropout (training); without it the forward is deterministic.
   """
@@ -237,7 +247,7 @@ def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attentio
   x = embed(config, params, input_ids_bt)
   x = run_blocks(config, params["blocks"], x, attention_mask_bt,
                  lora_blocks=None if lora is None else lora["blocks"], rng=rng)
-  return outputs(config, params, x, hidden=hidden)
+  return outputs(config, params, x, hidden=hidden, logits_at=logits_at)
 
 
 # ----------------------------------------------------------------------------- initialisation

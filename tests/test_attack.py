@@ -11,6 +11,7 @@ import pytest
 
 import models
 from federated import attack, client, experiment
+from fellrec_jax.data import pipeline
 from fellrec_jax.config import RunConfig
 
 B, T = 2, 10
@@ -29,7 +30,8 @@ def _batch():
   ids = rng.integers(3, 97, size=(B, T)).astype(np.int32)
   attn = (np.arange(T) < np.asarray([[T], [6]])).astype(np.int32)
   return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn),
-          "loss_mask": jnp.asarray(attn * (np.arange(T) >= 3) * np.roll(attn, -1, -1)),
+          **dict(zip(("target_index", "target_mask"), map(jnp.asarray, pipeline.targets_from_loss_mask(
+              attn * (np.arange(T) >= 3) * (np.arange(T) < T - 1) * np.roll(attn, -1, -1))))),
           "example_mask": jnp.ones((B,), jnp.int32)}
 
 
@@ -76,7 +78,7 @@ def test_split_step_hands_the_server_only_float_activations(monkeypatch, server_
     assert call["act"].shape == (B, T, cfg.hidden_size)
     # the one integer array is the padding mask, and it is the batch's attention mask, not its ids
     assert call["mask"] is traced["attention_mask"]
-    assert not any(call["mask"] is traced[key] for key in ("input_ids", "loss_mask", "example_mask"))
+    assert not any(call["mask"] is traced[key] for key in ("input_ids", "target_index", "target_mask", "example_mask"))
     rng = call["kwargs"].get("rng")
     assert rng is None or jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
 

@@ -35,16 +35,22 @@ def test_jaxpr_flops_counts_scan_bodies_times_length():
 def test_synthetic_batches_are_right_padded_with_shifted_targets():
   b = benchmark.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0)
   am = b["attention_mask"]
-  assert b["input_ids"].shape == (2, 1, 1, 3, 8)
+  assert b["input_ids"].shape == (2, 1, 1, 3, 8) and b["target_index"].shape == (2, 1, 1, 3, 7)
   assert np.all(np.diff(am, axis=-1) <= 0)  # ones then zeros
   assert np.all(b["input_ids"][am == 0] == 0)
-  np.testing.assert_array_equal(b["loss_mask"][..., :-1], am[..., 1:])
+  np.testing.assert_array_equal(b["target_mask"], am[..., 1:])  # every real next token
+  np.testing.assert_array_equal(b["target_index"], np.arange(7) * am[..., 1:])
+  r = benchmark.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0, response_tokens=2)
+  length = r["attention_mask"].sum(-1)
+  np.testing.assert_array_equal(r["target_index"], np.stack([length - 3, length - 2], -1))  # the last 2 tokens
+  assert r["target_mask"].all()
 
 
 def test_sections_smoke_and_json_keys(tmp_path):
   peak, bandwidth = 1e11, 1e10
   out = {"client_execution": benchmark.client_execution_section(True, False, 1, peak)}
   out["mfu"] = benchmark.mfu_summary(out["client_execution"], peak, "test")
+  out["loss_positions"] = benchmark.loss_positions_section(True, False, 1, model="tiny-llama")
   out["aggregation"] = benchmark.aggregation_section(True, 1, bandwidth, peak, sizes=[("smollm2-135m", (2,))])
   out["scale"] = benchmark.scale_section(True, False, False, model="tiny-llama", confirm=False, check_run=False)
   out["original_design"] = benchmark.original_design_section(True, 1)
@@ -56,6 +62,10 @@ def test_sections_smoke_and_json_keys(tmp_path):
   run = data["client_execution"]["runs"][0]
   assert run["flops_per_round_jaxpr"] > run["xla_cost_analysis"]["flops"] > 0  # loop bodies x trip counts
   assert 0 < data["mfu"]["value"]
+  lp = data["loss_positions"]
+  assert lp["runs"]["every_token"]["head_positions"] == 63 and lp["runs"]["response_16"]["head_positions"] == 16
+  assert lp["runs"]["response_16"]["target_tokens"] == 2 * 16 < lp["runs"]["every_token"]["target_tokens"]
+  assert lp["speedup"] > 0 and lp["memory_ratio"] > 1  # fewer fp32 logits to hold
   agg = data["aggregation"][0]
   assert {"C", "model", "seconds", "bytes", "roofline_seconds", "roofline_fraction"} <= set(agg)
   assert agg["bytes"] == 3 * 2 * 4 * 460800  # SmolLM2 q,v r=8: 460,800 fp32 params per client

@@ -10,6 +10,7 @@ import pytest
 
 import models
 from federated import client
+from fellrec_jax.data import pipeline
 
 C, S, A, B, T = 3, 2, 2, 2, 10
 
@@ -29,14 +30,58 @@ def _batches(seed, lead=(C, S, A)):
   attn = (np.arange(T) < lengths[..., None]).astype(np.int32)
   loss_mask = attn * (np.arange(T) >= 2)
   loss_mask = loss_mask * np.roll(attn, -1, axis=-1)
+  loss_mask[..., -1] = 0
   example = np.ones((*lead, B), np.float32)
   example[-1, -1] = 0  # the last client ran out of data for its last step
-  return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn),
-          "loss_mask": jnp.asarray(loss_mask, jnp.float32), "example_mask": jnp.asarray(example)}
+  target_index, target_mask = pipeline.targets_from_loss_mask(loss_mask)
+  return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn), "target_index": jnp.asarray(target_index),
+          "target_mask": jnp.asarray(target_mask), "example_mask": jnp.asarray(example)}
 
 
 def _stack(tree, n):
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
+
+
+def test_loss_at_target_positions_equals_the_full_logits_loss():
+  """The head runs only at `target_index`; the loss and grads equal a NumPy cross-entropy over the full
+  `[B, T, V]` logits masked by the loss mask the targets came from."""
+  cfg, base, lora = _setup()
+  lora = jax.tree.map(lambda x: x + 0.01, lora)
+  rng = np.random.default_rng(5)
+  ids = rng.integers(1, 97, size=(B, T)).astype(np.int32)
+  attn = (np.arange(T) < np.asarray([[T], [T - 3], [5], [T - 1]])[:B]).astype(np.int32)
+  loss_mask = attn * np.roll(attn, -1, axis=-1) * (np.arange(T) >= np.asarray([[2], [7], [1], [4]])[:B])
+  loss_mask[:, -1] = 0
+  target_index, target_mask = pipeline.targets_from_loss_mask(loss_mask, num_targets=T - 1)
+  assert target_mask.sum() == loss_mask.sum() and target_index.shape == (B, T - 1)
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn), "target_index": jnp.asarray(target_index),
+           "target_mask": jnp.asarray(target_mask), "example_mask": jnp.ones((B,), jnp.float32)}
+  loss_sum, count, grads, _ = client.unsplit_value_and_grad(client.LocalSpec(cfg), base, lora, batch, None)
+
+  def full_loss(lp):
+    logits = np.asarray(models.apply(cfg, base, batch["input_ids"], batch["attention_mask"], lora=lp), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    return float((nll * loss_mask[:, :-1]).sum())
+
+  assert float(count) == loss_mask.sum()
+  np.testing.assert_allclose(float(loss_sum), full_loss(lora), rtol=1e-5)
+  ref_grads = jax.grad(lambda lp: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      models.apply(cfg, base, batch["input_ids"], batch["attention_mask"], lora=lp)[:, :-1], ids[:, 1:])
+      * loss_mask[:, :-1]))(lora)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_targets_from_loss_mask_refuses_to_drop_targets():
+  with pytest.raises(ValueError, match="T-1"):
+    pipeline.targets_from_loss_mask(np.asarray([[0, 1, 1]]))
+  with pytest.raises(ValueError, match="num_targets=2"):
+    pipeline.targets_from_loss_mask(np.asarray([[0, 1, 1, 1, 0]]), num_targets=2)
+  index, mask = pipeline.targets_from_loss_mask(np.asarray([[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]]), num_targets=3)
+  np.testing.assert_array_equal(index, [[1, 3, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(mask, [[1, 1, 0], [0, 0, 0]])
 
 
 def test_split_grads_equal_unsplit_and_traffic_is_counted():
@@ -87,9 +132,13 @@ def test_vmapped_clients_equal_sequential_loop_and_groups():
   batches = _batches(4)
   rngs = jax.random.split(jax.random.key(5), C)
   vm = jax.jit(client.over_clients(update, "vmap"))(base, lora_c, opt_c, batches, rngs)
-  grouped = jax.jit(client.over_clients(update, "vmap", group_size=2))(base, lora_c, opt_c, batches, rngs)
+  grouped = [jax.jit(client.over_clients(update, "vmap", group_size=g))(base, lora_c, opt_c, batches, rngs)
+             for g in (2, 5)]  # a full group and a remainder; one group larger than C
+  fresh = lambda tree: jax.tree.map(jnp.copy, tree)
+  donated = jax.jit(client.over_clients(update, "vmap", group_size=1), donate_argnums=(1, 2))(
+      base, fresh(lora_c), fresh(opt_c), batches, rngs)  # updated in place, one client at a time
   seq = client.over_clients(update, "sequential")(base, lora_c, opt_c, batches, rngs)
-  for other in (seq, grouped):
+  for other in (seq, *grouped, donated):
     for g, r in zip(jax.tree.leaves(other), jax.tree.leaves(vm)):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
   # the last client's padded final step neither trains nor sends anything

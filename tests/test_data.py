@@ -115,10 +115,12 @@ def test_generative_batches_shapes_and_masks():
   assert list(steps) == [-(-k // bsz) for k in n]
   batches = list(pipeline.epoch_batches(clients, batch_size=bsz, seed=0, epoch=0))
   assert len(batches) == steps.max()
-  t = clients[0].seq_len
+  t, num_targets = clients[0].seq_len, clients[0].num_targets
+  assert num_targets < t
   seen = [0] * 3
   for s, b in enumerate(batches):
-    assert b["input_ids"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (3, bsz, t)
+    assert b["input_ids"].shape == b["attention_mask"].shape == (3, bsz, t)
+    assert b["target_index"].shape == b["target_mask"].shape == (3, bsz, num_targets)
     assert b["example_mask"].shape == (3, bsz)
     assert all(v.dtype == np.int32 for v in b.values())
     for c in range(3):
@@ -126,10 +128,11 @@ def test_generative_batches_shapes_and_masks():
       np.testing.assert_array_equal(b["example_mask"][c], [1] * real + [0] * (bsz - real))
       seen[c] += real
       pad = b["example_mask"][c] == 0
-      assert not b["attention_mask"][c][pad].any() and not b["loss_mask"][c][pad].any()
+      assert not b["attention_mask"][c][pad].any() and not b["target_mask"][c][pad].any()
       assert (b["input_ids"][c][pad] == tok.pad_id).all()
       for r in np.flatnonzero(~pad):
-        ids, am, lm = b["input_ids"][c, r], b["attention_mask"][c, r], b["loss_mask"][c, r]
+        ids, am = b["input_ids"][c, r], b["attention_mask"][c, r]
+        lm = _loss_mask(b, c, r, t)
         length = am.sum()
         assert am[:length].all() and ids[0] == tok.bos_id and ids[length - 1] == tok.eos_id
         # loss_mask[t] = 1 iff input_ids[t+1] is a response token: the quoted title, then eos.
@@ -141,6 +144,15 @@ def test_generative_batches_shapes_and_masks():
         words = {v: k for k, v in tok.vocab.items()}
         assert " ".join(words[i] for i in title_ids).startswith('"')
   assert seen == n
+
+
+def _loss_mask(batch, c, r, t):
+  """Row r of client c's targets as a [T] mask: 1 at t when token t+1 is predicted."""
+  index, mask = batch["target_index"][c, r], batch["target_mask"][c, r]
+  assert np.all(np.diff(index[mask == 1]) > 0) and not index[mask == 0].any()  # in order, zeros after
+  out = np.zeros(t, np.int32)
+  out[index[mask == 1]] = 1
+  return out
 
 
 def test_tokenize_truncation_keeps_response():
@@ -158,7 +170,8 @@ def test_train_on_inputs_masks_everything_after_first_token():
   clients = pipeline.generative_clients(prep, WordTokenizer(), train_on_inputs=True)
   b = pipeline.batch_at(clients, batch_size=4, seed=0, epoch=0, step=0)
   length = b["attention_mask"].sum(-1)
-  np.testing.assert_array_equal(b["loss_mask"].sum(-1), np.maximum(length - 1, 0))
+  np.testing.assert_array_equal(b["target_mask"].sum(-1), np.maximum(length - 1, 0))
+  assert (length - 1).max() <= b["target_index"].shape[-1] < b["input_ids"].shape[-1]
 
 
 def test_discriminative_iteration_covers_each_example_once_and_resumes_exactly():

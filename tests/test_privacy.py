@@ -94,7 +94,8 @@ def test_training_with_dp_uploads_still_lowers_the_loss():
   ids = np.tile(rng.integers(3, 61, size=(C, 1, 1, B, T)), (1, S, 1, 1, 1)).astype(np.int32)  # memorisable
   ones = np.ones((C, S, 1, B, T), np.int32)
   batches = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(ones),
-             "loss_mask": jnp.asarray(np.concatenate([ones[..., :-1], np.zeros_like(ones[..., :1])], -1)),
+             "target_index": jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (C, S, 1, B, T - 1)),
+             "target_mask": jnp.ones((C, S, 1, B, T - 1), jnp.int32),
              "example_mask": jnp.ones((C, S, 1, B), jnp.int32)}
   tx = optax.adam(3e-2)
   update = jax.jit(client.over_clients(client.make_local_update(client.LocalSpec(cfg, split_k=1), tx)))

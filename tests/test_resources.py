@@ -53,7 +53,8 @@ def test_client_share_grows_with_k_and_traffic_matches_the_split_step():
   base = models.init_params(cfg, jax.random.key(0))
   lora = models.init_lora(cfg, base, jax.random.key(1))
   batch = {"input_ids": jnp.ones((2, 16), jnp.int32), "attention_mask": jnp.ones((2, 16), jnp.int32),
-           "loss_mask": jnp.ones((2, 16), jnp.int32), "example_mask": jnp.ones((2,), jnp.int32)}
+           "target_index": jnp.zeros((2, 4), jnp.int32), "target_mask": jnp.ones((2, 4), jnp.int32),
+           "example_mask": jnp.ones((2,), jnp.int32)}
   traffic = {}  # counted from static shapes while tracing; no need to run the step
 
   def step(base, lora, batch):

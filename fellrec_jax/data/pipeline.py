@@ -11,11 +11,13 @@ yields an all-padding batch; padded rows have example_mask 0 (and all other mask
 Generative batch (`TokenizedExamples`), right-padded, T fixed for a run:
   input_ids      [C, B, T] int32  prompt then response tokens, then pad_id
   attention_mask [C, B, T] int32  1 on real tokens
-  loss_mask      [C, B, T] int32  loss_mask[..., t] = 1 iff the token at t+1 is a token to predict
-                                  (a response token, or any token after the first when
-                                  train_on_inputs). Targets are input_ids shifted left by one:
-                                  loss = sum_t loss_mask[t] * CE(logits[t], input_ids[t+1]);
-                                  loss_mask[..., T-1] is always 0.
+  target_index   [C, B, R] int32  positions t whose next token t+1 is a token to predict (a response
+                                  token, or any token after the first when train_on_inputs), in
+                                  order, then 0 on padding: loss = sum_r target_mask[r] *
+                                  CE(logits[target_index[r]], input_ids[target_index[r] + 1]).
+                                  R (<= T-1) is fixed for a run: the most targets of any example,
+                                  so the head runs at R positions rather than T.
+  target_mask    [C, B, R] int32  1 on real entries of target_index
   example_mask   [C, B]    int32  1 on real examples
 Discriminative batch (`IdExamples`):
   history [C, B, H] int32 (left-padded with 0, most recent last), history_mask [C, B, H] int32,
@@ -61,6 +63,22 @@ def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 
   return head + body + resp, len(head) + len(body)
 
 
+def targets_from_loss_mask(loss_mask: np.ndarray, num_targets: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`loss_mask [..., T]` (1 where the next token is a target) -> `(target_index, target_mask) [..., R]`:
+  each row's target positions in order, then zeros. R defaults to the most targets of any row; a row
+  with more than `num_targets` targets is an error, never cut silently."""
+  loss_mask = np.asarray(loss_mask) > 0
+  if loss_mask[..., -1].any():
+    raise ValueError("loss_mask[..., T-1] must be 0: no token follows the last position")
+  most = int(loss_mask.sum(-1).max(initial=0))
+  num_targets = most if num_targets is None else num_targets
+  if most > num_targets:
+    raise ValueError(f"a row has {most} target tokens, more than num_targets={num_targets}")
+  order = np.argsort(~loss_mask, axis=-1, kind="stable")[..., :num_targets]
+  target_mask = np.take_along_axis(loss_mask, order, axis=-1)
+  return np.where(target_mask, order, 0).astype(np.int32), target_mask.astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizedExamples:
   """One client's tokenized examples, stored ragged.
@@ -71,6 +89,7 @@ class TokenizedExamples:
     loss_start: [N] first position whose token is predicted (P, or 1 when train_on_inputs).
     seq_len: T, the padded length of every batch.
     pad_id: id written on padding.
+    num_targets: R, the length of `target_index` rows (at least every example's number of targets).
   """
 
   tokens: np.ndarray
@@ -78,6 +97,7 @@ class TokenizedExamples:
   loss_start: np.ndarray
   seq_len: int
   pad_id: int
+  num_targets: int
 
   def __len__(self) -> int:
     return int(self.loss_start.shape[0])
@@ -86,13 +106,15 @@ class TokenizedExamples:
     """Examples `idx` (len <= B) as one right-padded batch of B rows ([B, T] / [B])."""
     b, t = batch_size, self.seq_len
     out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "attention_mask": np.zeros((b, t), np.int32),
-           "loss_mask": np.zeros((b, t), np.int32), "example_mask": np.zeros(b, np.int32)}
+           "example_mask": np.zeros(b, np.int32)}
+    loss_mask = np.zeros((b, t), np.int32)
     for r, n in enumerate(idx):
       ids = self.tokens[self.offsets[n]:self.offsets[n + 1]]
       out["input_ids"][r, :len(ids)] = ids
       out["attention_mask"][r, :len(ids)] = 1
-      out["loss_mask"][r, self.loss_start[n] - 1:len(ids) - 1] = 1
+      loss_mask[r, self.loss_start[n] - 1:len(ids) - 1] = 1
       out["example_mask"][r] = 1
+    out["target_index"], out["target_mask"] = targets_from_loss_mask(loss_mask, self.num_targets)
     return out
 
 
@@ -165,18 +187,23 @@ ClientExamples = TokenizedExamples | IdExamples | PromptExamples
 def tokenize_clients(records: Sequence[Sequence[dict]], tokenizer: Tokenizer, *, cutoff: int = 512,
                      train_on_inputs: bool = False, pad_multiple: int = 8) -> list[TokenizedExamples]:
   """Tokenized instruction records per client. T = the longest example over all clients rounded up
-  to `pad_multiple` (and at most `cutoff`), the same for every client so batches stack."""
+  to `pad_multiple` (and at most `cutoff`), R = the most targets of any example likewise (at most T-1);
+  both the same for every client so batches stack."""
   per_client = [[tokenize(tokenizer, *examples_lib.prompt_text(r), cutoff=cutoff) for r in recs] for recs in records]
-  longest = max((len(ids) for toks in per_client for ids, _ in toks), default=1)
-  seq_len = min(cutoff, -(-longest // pad_multiple) * pad_multiple)
+  round_up = lambda n: -(-n // pad_multiple) * pad_multiple
+  longest = max((len(ids) for toks in per_client for ids, _ in toks), default=2)
+  seq_len = min(cutoff, round_up(longest))
+  loss_starts = [np.asarray([1 if train_on_inputs else max(p, 1) for _, p in toks], np.int64) for toks in per_client]
+  most_targets = max((len(ids) - start for toks, starts in zip(per_client, loss_starts)
+                      for (ids, _), start in zip(toks, starts)), default=1)
+  num_targets = min(seq_len - 1, round_up(max(most_targets, 1)))
   out = []
-  for toks in per_client:
+  for toks, starts in zip(per_client, loss_starts):
     lengths = [len(ids) for ids, _ in toks]
     out.append(TokenizedExamples(
         tokens=np.asarray([i for ids, _ in toks for i in ids], np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-        loss_start=np.asarray([1 if train_on_inputs else max(p, 1) for _, p in toks], np.int64),
-        seq_len=seq_len, pad_id=tokenizer.pad_id))
+        loss_start=starts, seq_len=seq_len, pad_id=tokenizer.pad_id, num_targets=num_targets))
   return out
 
 
