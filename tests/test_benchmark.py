@@ -71,3 +71,20 @@ def test_sections_smoke_and_json_keys(tmp_path):
   assert agg["bytes"] == 3 * 2 * 4 * 460800  # SmolLM2 q,v r=8: 460,800 fp32 params per client
   assert data["scale"]["max_clients"] >= 2 and data["scale"]["bytes_per_client"] > 0
   assert data["original_design"][0]["ratio"] > 0
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+  """launch/gpu_check.sh end to end on this CPU (GPU_CHECK_DRY_RUN), so the script a GPU session runs
+  is known to work before device time is spent on it."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(["bash", str(root / "launch/gpu_check.sh"), "--sections=loss_positions"], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert "python packages ok" in proc.stdout
+  data = json.loads((tmp_path / "benchmark_gpu.json").read_text())
+  assert data["quick"] and not data["gpu"] and data["loss_positions"]["speedup"] > 0
