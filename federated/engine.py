@@ -231,6 +231,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
   bar = tqdm.tqdm(total=cfg.rounds, initial=meta["round"], desc=progress, unit="round",
                   disable=progress is None or jax.process_index() != 0)
   for r in range(meta["round"], cfg.rounds):
+    if r in cfg.profile_rounds:
+      jax.profiler.start_trace(f"{workdir}/profile")
     start = time.perf_counter()
     participating = engine.participants(r)
     batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
@@ -261,6 +263,9 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
       meta["bad_evals"] = 0 if improved else meta["bad_evals"] + 1
     jax.block_until_ready(state)
     log["seconds"] = time.perf_counter() - start
+    if r in cfg.profile_rounds:
+      jax.profiler.stop_trace()
+      logging.info("round %d traced into %s/profile", r, workdir)
     history.append(log)
     meta |= {"round": r + 1, "history": history}
     checkpoint.save(mngr, r + 1, state, meta)

@@ -86,6 +86,7 @@ class RunConfig:
   metric_ks: tuple[int, ...] = (5, 10, 20)
   num_beams: int = 4
   max_new_tokens: int = 32
+  profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
   # scale-out
   mesh_clients: int | None = None
   mesh_model: int = 1
@@ -142,6 +143,8 @@ class RunConfig:
     need(self.task in ("generative", "discriminative"), "task", "expected 'generative' or 'discriminative'")
     need(self.disc_temperature > 0, "disc_temperature", "must be > 0")
     need(len(self.metric_ks) > 0 and min(self.metric_ks) >= 1, "metric_ks", "give cut-offs >= 1")
+    need(all(0 <= r < self.rounds for r in self.profile_rounds), "profile_rounds",
+         f"give 0-based rounds in [0, --rounds={self.rounds})")
     need(self.num_beams >= 1, "num_beams", "must be >= 1")
     need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")

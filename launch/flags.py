@@ -79,6 +79,9 @@ HELP = {
     "eval_every": "Validate every this many rounds.",
     "patience": "Stop after this many validations without improvement of the mean validation loss.",
     "eval_batch_size": "Batch size for validation and test.",
+    "profile_rounds": "Comma list of 0-based rounds to trace with jax.profiler into the run's profile/ folder "
+                      "(<workdir>/profile, or <workdir>/<strategy>/profile with several strategies; view "
+                      "with xprof or TensorBoard's profile plugin).",
     "mesh_clients": "Devices on the mesh's clients axis (default: all devices / mesh_model).",
     "mesh_model": "Devices on the mesh's model axis (the shared base weights are split over it).",
 }

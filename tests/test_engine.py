@@ -33,12 +33,14 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fellrec", "fedavg"])
 def test_every_client_validation_loss_falls(tmp_path, strategy):
-  cfg = engine_worker.make_config(str(tmp_path), rounds=3)
+  cfg = engine_worker.make_config(str(tmp_path), rounds=3, profile_rounds=(1,))
   _, history, _ = engine_worker.run(cfg, strategy)
   first, last = np.asarray(history[0]["valid"]["loss"]), np.asarray(history[-1]["valid"]["loss"])
   assert np.all(last < first), (first, last)
   if strategy == "fellrec":
     assert len(history[0]["warm_weights"]) == cfg.num_clients
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0  # --profile_rounds=1 traced that round only
 
 
 def _worker(out, workdir, *extra, env=None):

@@ -24,7 +24,8 @@ def _main(*args, timeout=900):
                                        (dict(strategies=("fedsgd",)), "--strategies"),
                                        (dict(clients_per_round=9), "--clients_per_round"),
                                        (dict(client_group_size=2, client_execution="sequential"),
-                                        "--client_group_size")])
+                                        "--client_group_size"),
+                                       (dict(rounds=2, profile_rounds=(2,)), "--profile_rounds")])
 def test_bad_settings_name_their_flag(bad, flag):
   with pytest.raises(ConfigError, match=flag):
     RunConfig(**bad)
