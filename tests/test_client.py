@@ -84,6 +84,25 @@ def test_targets_from_loss_mask_refuses_to_drop_targets():
   np.testing.assert_array_equal(mask, [[1, 1, 0], [0, 0, 0]])
 
 
+def test_bfloat16_training_tracks_float32():
+  """The GPU benchmarks train in bf16 (base stored and computed in bf16, adapters and optimizer in fp32):
+  its losses stay within bf16 rounding of fp32 training and its updates point the same way."""
+  cfg, base, lora = _setup()
+  cfg16 = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16")
+  base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+  tx = optax.adam(1e-2)
+  batches = jax.tree.map(lambda x: x[0], _batches(2))
+  runs = [jax.jit(client.make_local_update(client.LocalSpec(c, split_k=1), tx))(b, lora, tx.init(lora), batches,
+                                                                                 jax.random.key(0))
+          for c, b in ((cfg, base), (cfg16, base16))]
+  (lora32, _, stats32), (lora16, opt16, stats16) = runs
+  assert {x.dtype for x in jax.tree.leaves((lora16, opt16)) if x.ndim} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(stats16["loss"], stats32["loss"], rtol=2e-2)
+  moved = lambda new: np.concatenate([np.ravel(n - o) for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(lora))])
+  a, b = moved(lora16), moved(lora32)
+  assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.95
+
+
 def test_split_grads_equal_unsplit_and_traffic_is_counted():
   cfg, base, lora = _setup()
   lora = jax.tree.map(lambda x: x + 0.01, lora)
