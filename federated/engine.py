@@ -171,23 +171,16 @@ class Engine:
       return self.strategy.aggregate(lora, losses, weights, participating, round_index, anchor)
     last = self.model_config.num_layers - 1  # the client-tail block's adapters stay private
     shared = lambda tree: jax.tree.map(lambda x: x[:, :last], tree)
-    mixed = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor))
-    return jax.tree.map(lambda m, x: jnp.concatenate([m, x[:, last:]], axis=1), mixed, lora)
+    mixed, info = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor))
+    return jax.tree.map(lambda m, x: jnp.concatenate([m, x[:, last:]], axis=1), mixed, lora), info
 
-  def aggregate(self, state: FedState, losses, participating: np.ndarray, round_index: int, anchor) -> FedState:
-    """Mixes the adapters; `anchor` are the adapters each client started the round from."""
-    lora = self._aggregate(state.lora, losses, jnp.asarray(self.train_counts), jnp.asarray(participating),
-                           round_index, anchor)
-    return state.replace(lora=lora)
-
-  def fellrec_diagnostics(self, state: FedState, losses, participating, round_index: int, anchor) -> dict:
-    """The similarity matrix and warm weights FELLRec would use this round (for the logs)."""
-    _, s, w = sharding.to_host(strategies.fellrec_weights(
-        state.lora, jnp.asarray(losses), round_index, alpha=self.cfg.fellrec_alpha, beta=self.cfg.fellrec_beta,
-        temperature=self.cfg.fellrec_temperature, variant=self.cfg.fellrec_variant,
-        participating_c=jnp.asarray(participating),
-        reference=anchor if self.cfg.fellrec_similarity == "update" else None))
-    return {"similarity": s.round(4).tolist(), "warm_weights": w.round(4).tolist()}
+  def aggregate(self, state: FedState, losses, participating: np.ndarray, round_index: int,
+                anchor) -> tuple[FedState, dict]:
+    """Mixes the adapters; `anchor` are the adapters each client started the round from. Returns the
+    state and the strategy's diagnostics for the round's log (`round_info`)."""
+    lora, info = self._aggregate(state.lora, losses, jnp.asarray(self.train_counts), jnp.asarray(participating),
+                                 round_index, anchor)
+    return state.replace(lora=lora), round_info(sharding.to_host(info))
 
   # ------------------------------------------------------------------ validation
 
@@ -251,9 +244,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
            "local_steps": np.asarray(stats["steps"]).tolist()}
     if dp_norms is not None:
       log["dp_update_norm"] = sharding.to_host(dp_norms).tolist()
-    if engine.strategy.name == "fellrec":
-      log |= engine.fellrec_diagnostics(state, losses, participating, r, anchor)
-    state = engine.aggregate(state, losses, participating, r, anchor)
+    state, info = engine.aggregate(state, losses, participating, r, anchor)
+    log |= info
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
       state, valid_loss = engine.validate(state)
       mean_valid = float(np.average(valid_loss, weights=np.maximum(engine.valid_counts, 1e-9)))
@@ -277,6 +269,24 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
       break
   bar.close()
   return state, history
+
+
+MAX_LOGGED_MATRIX = 64  # clients up to which a [C, C] diagnostic is logged whole each round
+
+
+def round_info(info: dict[str, np.ndarray]) -> dict:
+  """A strategy's diagnostics as JSON for the round's log. `[C, C]` matrices (FELLRec's similarity) are
+  logged whole up to MAX_LOGGED_MATRIX clients; above that, as `<name>_offdiag` {mean, min, max} (a C^2
+  list per round would swamp metrics.jsonl and the checkpointed history)."""
+  out = {}
+  for name, x in info.items():
+    x = np.asarray(x, np.float64)
+    if x.ndim == 2 and x.shape[0] > MAX_LOGGED_MATRIX:
+      off = x[~np.eye(x.shape[0], dtype=bool)]
+      out[f"{name}_offdiag"] = {"mean": float(off.mean()), "min": float(off.min()), "max": float(off.max())}
+    else:
+      out[name] = x.round(4).tolist()
+  return out
 
 
 def _tracking(batch_iter, meta: dict):

@@ -1,8 +1,9 @@
 """Aggregation strategies: small pure functions behind one interface.
 
 A strategy is `Strategy(name, aggregate, local_penalty)`:
-  aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor) -> stacked
-      `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
+  aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor) -> (stacked, info)
+      `info` is a dict of arrays the run logs each round (FELLRec: its similarity and warm weights;
+      empty for the others), computed by the same pass that aggregates. `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
       mean local training losses, `weights_c` their training-example counts, `participating_c` marks
       the clients sampled this round (the others do not contribute; under FELLRec they keep their own
       parameters, under FedAvg every client receives the participants' average); `anchor` holds the
@@ -136,14 +137,16 @@ def make_strategy(name: str, *, fellrec_alpha: float = 0.7, fellrec_beta: float 
   """
   if fellrec_similarity not in ("params", "update"):
     raise ValueError(f"unknown FELLRec similarity {fellrec_similarity!r}; expected 'params' or 'update'")
-  keep = lambda stacked, losses, weights, participating, round_index, anchor: stacked
-  fedavg = lambda stacked, losses, weights, participating, round_index, anchor: fedavg_aggregate(
-      stacked, weights, participating)
+  keep = lambda stacked, losses, weights, participating, round_index, anchor: (stacked, {})
+  fedavg = lambda stacked, losses, weights, participating, round_index, anchor: (
+      fedavg_aggregate(stacked, weights, participating), {})
   if name == "fellrec":
     def aggregate(stacked, losses, weights, participating, round_index, anchor):
-      return fellrec_aggregate(stacked, losses, round_index, alpha=fellrec_alpha, beta=fellrec_beta,
-                               temperature=fellrec_temperature, variant=fellrec_variant, participating=participating,
-                               reference=anchor if fellrec_similarity == "update" else None)
+      a, s, w = fellrec_weights(stacked, jnp.asarray(losses), round_index, alpha=fellrec_alpha, beta=fellrec_beta,
+                                temperature=fellrec_temperature, variant=fellrec_variant,
+                                participating_c=participating,
+                                reference=anchor if fellrec_similarity == "update" else None)
+      return mix(stacked, a), {"similarity": s, "warm_weights": w}
     return Strategy("fellrec", aggregate)
   if name == "fedavg":
     return Strategy("fedavg", fedavg)

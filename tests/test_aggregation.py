@@ -58,6 +58,29 @@ def test_fellrec_matches_released_numpy(variant, beta, epoch):
       stacked32, jnp.asarray(losses, jnp.float32), epoch, alpha=0.7, beta=beta, variant=variant)
   for i in range(c):
     np.testing.assert_allclose(_flatten(got, i), expected[i], rtol=1e-5, atol=1e-5)
+  # The engine's strategy object: the same aggregate, and the similarity it logs from the same pass.
+  strategy = strategies.make_strategy("fellrec", fellrec_beta=beta, fellrec_variant=variant)
+  mixed, info = jax.jit(strategy.aggregate)(stacked32, jnp.asarray(losses, jnp.float32), jnp.ones(c), None,
+                                            epoch, stacked32)
+  for i in range(c):
+    np.testing.assert_allclose(_flatten(mixed, i), expected[i], rtol=1e-5, atol=1e-5)
+  v = np.stack([_flatten(stacked, i) for i in range(c)])
+  unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+  np.testing.assert_allclose(info["similarity"], (unit @ unit.T + 1) / 2, rtol=1e-5, atol=1e-6)
+  assert info["warm_weights"].shape == (c,)
+
+
+def test_round_info_logs_large_matrices_as_summaries():
+  from federated import engine
+  small = engine.round_info({"similarity": np.eye(3), "warm_weights": np.ones(3)})
+  assert small == {"similarity": np.eye(3).tolist(), "warm_weights": [1.0, 1.0, 1.0]}
+  n = engine.MAX_LOGGED_MATRIX + 1
+  big = np.full((n, n), 0.5) + np.eye(n) * 0.5
+  big[0, 1] = 0.25
+  got = engine.round_info({"similarity": big})
+  assert set(got) == {"similarity_offdiag"}
+  assert got["similarity_offdiag"]["min"] == 0.25 and got["similarity_offdiag"]["max"] == 0.5
+  np.testing.assert_allclose(got["similarity_offdiag"]["mean"], 0.5 - 0.25 / (n * (n - 1)))
 
 
 def test_update_similarity_compares_what_clients_learned():
