@@ -260,11 +260,13 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
       logging.info("round %d traced into %s/profile", r, workdir)
     history.append(log)
     meta |= {"round": r + 1, "history": history}
-    checkpoint.save(mngr, r + 1, state, meta)
+    stop = cfg.patience is not None and meta["bad_evals"] >= cfg.patience
+    if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds or stop:
+      checkpoint.save(mngr, r + 1, state, meta)
     on_round(log)
     bar.update()
     bar.set_postfix(train_loss=f"{np.mean(log['train_loss']):.3f}")
-    if cfg.patience is not None and meta["bad_evals"] >= cfg.patience:
+    if stop:
       logging.info("early stop after round %d: no validation improvement in %d evaluations", r, cfg.patience)
       break
   bar.close()

@@ -81,6 +81,7 @@ class RunConfig:
   fedprox_mu: float = 0.01
   # evaluation and the loop
   eval_every: int = 1
+  checkpoint_every: int = 1
   patience: int | None = None
   eval_batch_size: int = 32
   metric_ks: tuple[int, ...] = (5, 10, 20)
@@ -136,6 +137,7 @@ class RunConfig:
     need(self.fellrec_temperature > 0, "fellrec_temperature", "must be > 0")
     need(self.fedprox_mu >= 0, "fedprox_mu", "must be >= 0")
     need(self.eval_every >= 1, "eval_every", "must be >= 1")
+    need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(self.patience is None or self.patience >= 1, "patience", "must be >= 1")
     need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

@@ -77,6 +77,8 @@ HELP = {
     "fellrec_private_tail": "Keep the client-tail block's adapters out of aggregation.",
     "fedprox_mu": "FedProx proximal coefficient mu.",
     "eval_every": "Validate every this many rounds.",
+    "checkpoint_every": "Checkpoint every this many rounds (and after the last round or an early stop); a "
+                        "resumed run redoes the rounds after its last checkpoint, identically.",
     "patience": "Stop after this many validations without improvement of the mean validation loss.",
     "eval_batch_size": "Batch size for validation and test.",
     "profile_rounds": "Comma list of 0-based rounds to trace with jax.profiler into the run's profile/ folder "
