@@ -2,13 +2,14 @@
 
 A strategy is `Strategy(name, aggregate, local_penalty)`:
   aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor) -> (stacked, info)
-      `info` is a dict of arrays the run logs each round (FELLRec: its similarity and warm weights;
-      empty for the others), computed by the same pass that aggregates. `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
+      `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
       mean local training losses, `weights_c` their training-example counts, `participating_c` marks
       the clients sampled this round (the others do not contribute; under FELLRec they keep their own
       parameters, under FedAvg every client receives the participants' average); `anchor` holds the
       parameters each client started the round from (same structure as `stacked`), so
-      `stacked - anchor` is what each client learned this round.
+      `stacked - anchor` is what each client learned this round. `info` is a dict of arrays the run
+      logs each round (FELLRec: its similarity and warm weights; empty for the others), computed by
+      the same pass that aggregates.
   local_penalty(params, anchor) -> scalar added to a client's local loss (FedProx), or None.
 
 Every client keeps its own parameter copy; FedAvg-style strategies give all clients the same average.
