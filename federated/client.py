@@ -178,24 +178,38 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   return local_update
 
 
-def in_groups(vmapped, group_size: int):
-  """Runs `vmapped(base, lora, opt_state, batches, keys)` over the clients axis g at a time, writing each
-  group's new adapters and optimizer state back into the stacked state in place.
+def in_groups(vmapped, group_size: int, shards: int = 1):
+  """Runs `vmapped(base, lora, opt_state, batches, keys)` over the clients axis g at a time per shard,
+  writing each group's new adapters and optimizer state back into the stacked state in place.
 
-  A `fori_loop` over groups carries the whole `[C, ...]` state and updates a `[g, ...]` slice per
-  iteration, so with donated inputs the new state reuses the input buffers; `lax.map` would stack its
-  outputs into new buffers beside the inputs (SmolLM2, r=8 q,v + AdamW: 9.2 vs 11.1 MB per client in
-  `launch.benchmark`'s scale section). A last group of `C mod g` clients runs after the loop.
+  A `fori_loop` over groups carries the whole state and updates a slice per iteration, so with donated
+  inputs the new state reuses the input buffers; `lax.map` would stack its outputs into new buffers
+  beside the inputs (SmolLM2, r=8 q,v + AdamW: 9.2 vs 11.1 MB per client in `launch.benchmark`'s scale
+  section). With the clients axis split over `shards` devices, the state is viewed as
+  `[shards, C / shards, ...]` and each iteration takes g clients from every shard, so the loop slices
+  an unsplit axis and no device gathers another's clients. A last group of the remainder runs after
+  the loop.
   """
   def run(base, lora, opt_state, batches, keys):
     num_clients = jax.tree.leaves(lora)[0].shape[0]
-    size = min(group_size, num_clients)
-    full, rest = divmod(num_clients, size)
-    rows = lambda tree, start, size: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
-    write = lambda tree, part, start: jax.tree.map(lambda x, p: jax.lax.dynamic_update_slice_in_dim(x, p, start, 0),
-                                                    tree, part)
+    n_shards = shards if num_clients % shards == 0 else 1  # `sharding.over_clients` replicates then
+    per_shard = num_clients // n_shards
+    size = min(group_size, per_shard)
+    full, rest = divmod(per_shard, size)
+    to_shards = lambda tree: jax.tree.map(lambda x: x.reshape(n_shards, per_shard, *x.shape[1:]), tree)
+    to_clients = lambda tree: jax.tree.map(lambda x: x.reshape(num_clients, *x.shape[2:]), tree)
+
+    def rows(tree, start, size):  # [shards, per_shard, ...] -> the group's [shards * size, ...]
+      take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(n_shards * size, *x.shape[2:])
+      return jax.tree.map(take, tree)
+
+    def write(tree, part, start):
+      put = lambda x, p: jax.lax.dynamic_update_slice_in_dim(x, p.reshape(n_shards, -1, *p.shape[1:]), start, 1)
+      return jax.tree.map(put, tree, part)
+
+    lora, opt_state, batches, keys = to_shards((lora, opt_state, batches, keys))
     group_stats = jax.eval_shape(vmapped, base, *rows((lora, opt_state, batches, keys), 0, 1))[2]
-    stats = jax.tree.map(lambda s: jnp.zeros((num_clients, *s.shape[1:]), s.dtype), group_stats)
+    stats = jax.tree.map(lambda s: jnp.zeros((n_shards, per_shard, *s.shape[1:]), s.dtype), group_stats)
 
     def group(start, size, carry):
       lora, opt_state, stats = carry
@@ -203,19 +217,20 @@ def in_groups(vmapped, group_size: int):
       return write(lora, new[0], start), write(opt_state, new[1], start), write(stats, new[2], start)
 
     carry = jax.lax.fori_loop(0, full, lambda i, c: group(i * size, size, c), (lora, opt_state, stats))
-    return group(full * size, rest, carry) if rest else carry
+    return to_clients(group(full * size, rest, carry) if rest else carry)
   return run
 
 
-def over_clients(local_update, execution: str = "vmap", group_size: int | None = None):
+def over_clients(local_update, execution: str = "vmap", group_size: int | None = None, shards: int = 1):
   """Lifts a one-client update to stacked clients; the base weights are shared, not vmapped.
 
-  execution: "vmap" (all clients in one program; `group_size` runs them g at a time, `in_groups`, to
-  bound memory) or "sequential" (a Python loop, one jitted call per client).
+  execution: "vmap" (all clients in one program; `group_size` runs them g at a time per device shard
+  of the clients axis, `in_groups`, to bound memory) or "sequential" (a Python loop, one jitted call
+  per client). `shards`: devices on the mesh's clients axis.
   """
   if execution == "vmap":
     vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
-    return in_groups(vmapped, group_size) if group_size and group_size > 0 else vmapped
+    return in_groups(vmapped, group_size, shards) if group_size and group_size > 0 else vmapped
   if execution == "sequential":
     one = jax.jit(local_update)
 

@@ -134,7 +134,8 @@ class Engine:
     if (k, num_clients) not in self._update_fns:
       spec = client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora, hidden=self.hidden)
       local = client.make_local_update(spec, self.tx, self.strategy.local_penalty, self.loss_fn)
-      run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size)
+      run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size,
+                                shards=self.mesh.shape[sharding.CLIENTS])
       if self.cfg.client_execution == "vmap":  # inputs and outputs pinned: per-client state stays split
         per_client = sharding.over_clients(self.mesh, num_clients)
         # The optimizer state (2x the adapters) is donated; the adapters are not: the round's anchor.

@@ -56,8 +56,8 @@ HELP = {
     "warmup_steps": "Linear warmup steps (then linear decay to zero over the run).",
     "weight_decay": "AdamW decoupled weight decay.",
     "client_execution": "vmap: all clients in one jitted program; sequential: one client at a time.",
-    "client_group_size": "With vmap, run clients g at a time (a loop over groups, state updated in place) to "
-                         "bound memory.",
+    "client_group_size": "With vmap, run clients g at a time per device of the clients axis (a loop over "
+                         "groups, state updated in place) to bound memory.",
     "clients_per_round": "Clients sampled per round (default: all).",
     "split_k": "U-shaped split: one k for all clients, a comma list with one k per client, or 'auto' (the "
                "largest k whose client footprint fits --client_memory_budget_mb); unset trains the whole model "

@@ -51,6 +51,7 @@ def main():
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--client_group_size", type=int, default=None)
   args = parser.parse_args()
   import jax
   if args.num_processes > 1:
@@ -58,7 +59,8 @@ def main():
                                process_id=args.process_id)
   import numpy as np
   from fellrec_jax import sharding
-  cfg = make_config(args.workdir, mesh_clients=args.mesh_clients, mesh_model=args.mesh_model, num_clients=4)
+  cfg = make_config(args.workdir, mesh_clients=args.mesh_clients, mesh_model=args.mesh_model, num_clients=4,
+                    client_group_size=args.client_group_size)
   state, history, _ = run(cfg)
   lora = sharding.to_host(state.lora)
   if jax.process_index() == 0:

@@ -153,8 +153,8 @@ def test_vmapped_clients_equal_sequential_loop_and_groups():
   vm = jax.jit(client.over_clients(update, "vmap"))(base, lora_c, opt_c, batches, rngs)
   grouped = jax.jit(client.over_clients(update, "vmap", group_size=2))(base, lora_c, opt_c, batches, rngs)
   fresh = lambda tree: jax.tree.map(jnp.copy, tree)
-  donated = jax.jit(client.over_clients(update, "vmap", group_size=5), donate_argnums=(1, 2))(
-      base, fresh(lora_c), fresh(opt_c), batches, rngs)  # one group larger than C, updated in place
+  donated = jax.jit(client.over_clients(update, "vmap", group_size=5, shards=3), donate_argnums=(1, 2))(
+      base, fresh(lora_c), fresh(opt_c), batches, rngs)  # 3 shards of 1 client; updated in place
   seq = client.over_clients(update, "sequential")(base, lora_c, opt_c, batches, rngs)
   for other in (seq, grouped, donated):  # groups of 2: a full group, then a remainder of 1
     for g, r in zip(jax.tree.leaves(other), jax.tree.leaves(vm)):

@@ -74,6 +74,7 @@ def _assert_same(a_path, b_path):
 
 
 def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
+  """The two processes also run their clients one at a time per shard (`--client_group_size=1`)."""
   one = _worker(tmp_path / "one.npz", tmp_path / "w1", env=_forced_devices(1))
   mesh = _worker(tmp_path / "mesh.npz", tmp_path / "w8", "--mesh_clients", "4", "--mesh_model", "2",
                  env=_forced_devices(8))
@@ -81,7 +82,8 @@ def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   multi = [_worker(tmp_path / "multi.npz", tmp_path / "wp", "--num_processes", "2", "--process_id", str(i),
-                   "--port", str(port), "--mesh_clients", "2", env=_forced_devices(1)) for i in range(2)]
+                   "--port", str(port), "--mesh_clients", "2", "--client_group_size", "1", env=_forced_devices(1))
+           for i in range(2)]
   _finish([one, mesh, *multi])
   _assert_same(tmp_path / "one.npz", tmp_path / "mesh.npz")
   _assert_same(tmp_path / "one.npz", tmp_path / "multi.npz")
