@@ -165,8 +165,8 @@ def nearest_embedding(table_vd: jax.Array, act_ntd: np.ndarray, *, chunk: int = 
   table = jnp.asarray(table_vd, jnp.float32)
   table = table / jnp.maximum(jnp.linalg.norm(table, axis=-1, keepdims=True), 1e-12)
   flat = act_ntd.reshape(-1, act_ntd.shape[-1])
-  best = jax.jit(lambda x: jnp.argmax(x @ table.T, axis=-1))
-  out = [np.asarray(best(jnp.asarray(flat[s:s + chunk]))) for s in range(0, flat.shape[0], chunk)]
+  best = jax.jit(lambda t, x: jnp.argmax(x @ t.T, axis=-1))  # the table is an argument, not a baked constant
+  out = [np.asarray(best(table, jnp.asarray(flat[s:s + chunk]))) for s in range(0, flat.shape[0], chunk)]
   return np.concatenate(out).reshape(act_ntd.shape[:2]).astype(np.int32)
 
 
@@ -212,17 +212,17 @@ def train_inverter(act_ntd: np.ndarray, ids_nt: np.ndarray, mask_nt: np.ndarray,
     return optax.softmax_cross_entropy_with_integer_labels(_mlp(p, xb), yb).mean()
 
   @jax.jit
-  def fit(p, key):
+  def fit(p, xs, ys, key):
     def step(carry, k):
       p, opt = carry
       idx = jax.random.randint(k, (batch_size,), 0, xs.shape[0])
-      loss, g = jax.value_and_grad(loss_fn)(p, xs[idx], ys[idx])
+      g = jax.grad(loss_fn)(p, xs[idx], ys[idx])
       updates, opt = tx.update(g, opt, p)
-      return (optax.apply_updates(p, updates), opt), loss
-    (p, _), losses = jax.lax.scan(step, (p, tx.init(p)), jax.random.split(key, steps))
-    return p, losses
+      return (optax.apply_updates(p, updates), opt), None
+    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), jax.random.split(key, steps))
+    return p
 
-  params, _ = fit(params, k3)
+  params = fit(params, xs, ys, k3)
   return Inverter(jax.device_get(params), vocab)
 
 
@@ -248,8 +248,8 @@ def recovery(pred_nt: np.ndarray, prompts: PromptSet) -> dict[str, float]:
 def logit_argmax_target_accuracy(config: ModelConfig, base: Params, prompts: PromptSet, *,
                                  lora: Params | None = None, batch_size: int = 32) -> float:
   """If the server also ran the tail it would see logits: argmax at t vs the response token at t+1."""
-  fn = jax.jit(lambda i, m: jnp.argmax(models.apply(config, base, i, m, lora=lora), axis=-1))
-  preds = np.concatenate([np.asarray(fn(prompts.ids[s:s + batch_size], prompts.mask[s:s + batch_size]))
+  fn = jax.jit(lambda p, lp, i, m: jnp.argmax(models.apply(config, p, i, m, lora=lp), axis=-1))
+  preds = np.concatenate([np.asarray(fn(base, lora, prompts.ids[s:s + batch_size], prompts.mask[s:s + batch_size]))
                           for s in range(0, len(prompts.ids), batch_size)])
   hits = [preds[r, a - 1:b - 1] == prompts.ids[r, a:b] for r, span in enumerate(prompts.target_spans)
           if span is not None for a, b in [span]]

@@ -46,6 +46,12 @@ def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransforma
   return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
 
+def micro_batches_per_round(cfg: RunConfig, epoch_steps: int) -> int:
+  """Micro-batches in one local round: `local_epochs` of the largest client's `epoch_steps`, whole
+  optimizer steps of `grad_accum` micro-batches, at least one."""
+  return cfg.grad_accum * max(1, int(np.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum)))
+
+
 def stack_clients(tree: PyTree, num_clients: int) -> PyTree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), tree)
 
@@ -103,7 +109,7 @@ class Engine:
     self.train_counts = np.asarray([len(ex) for ex in self.train_examples], np.float32)
     self.valid_counts = np.asarray([len(ex) for ex in self.valid_examples], np.float32)
     epoch_steps = int(pipeline.steps_per_epoch(self.train_examples, cfg.batch_size).max())
-    self.micro_per_round = cfg.grad_accum * max(1, int(np.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum)))
+    self.micro_per_round = micro_batches_per_round(cfg, epoch_steps)
     self.steps_per_round = self.micro_per_round // cfg.grad_accum
     self.tx = make_optimizer(cfg, cfg.rounds * self.steps_per_round)
     self.base_shardings = sharding.shared(self.mesh, self.base)

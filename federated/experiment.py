@@ -30,14 +30,19 @@ def prepare(cfg: RunConfig):
       mapping_file=cfg.mapping_file, skip_bad_lines=cfg.skip_bad_lines, bpr_steps=cfg.bpr_steps)
 
 
+def lora_config(cfg: RunConfig) -> models.LoraConfig:
+  """The run's adapter settings (`--lora_*` flags)."""
+  return models.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=tuple(cfg.lora_targets))
+
+
 def load_model(cfg: RunConfig, titles: list[str]):
   """`(model_config, base_params, tokenizer)` with the run's LoRA settings.
 
   Tiny presets learn a BPE on the catalogue and the prompt template; tiny-llama is then fitted to the
   titles (public catalogue text) for `warm_start_steps`.
   """
-  lora = models.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           targets=tuple(cfg.lora_targets))
+  lora = lora_config(cfg)
   tiny = cfg.model in ("tiny-llama", "tiny-bert")
   corpus = list(titles) + [examples.ALPACA_TEMPLATE]
   config, params, tokenizer = models.load(cfg.model, dtype=cfg.dtype, lora=lora, remat=cfg.remat,
@@ -47,7 +52,7 @@ def load_model(cfg: RunConfig, titles: list[str]):
   if not config.is_decoder and cfg.task == "generative":
     raise ConfigError(f"--task=generative needs a decoder, but --model={cfg.model!r} is an encoder: "
                       "use --task=discriminative")
-  for k in () if cfg.split_k == ("auto",) else cfg.split_k or ():
+  for k in cfg.explicit_cuts:
     if k > config.num_layers - 1:
       raise ConfigError(f"--split_k={k} out of range: {cfg.model} has {config.num_layers} blocks, so k <= "
                         f"{config.num_layers - 1}")
@@ -87,7 +92,7 @@ def _prompt_examples(cfg, config, tokenizer, windows_per_client, titles, noun) -
 
 def resolve_auto_split(cfg: RunConfig, config: models.ModelConfig, seq_len: int) -> RunConfig:
   """`--split_k=auto`: per client, the largest k whose client footprint fits its memory budget."""
-  if cfg.split_k != ("auto",):
+  if not cfg.auto_split:
     return cfg
   budgets = cfg.client_memory_budget_mb
   chosen = {b: resources.choose_split_k(config, b, cfg.batch_size, seq_len, server_lora=cfg.server_lora)

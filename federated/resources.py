@@ -226,27 +226,31 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
-def segment_cost(config: ModelConfig, name: str, params: Params, lora: Params | None, b: int, t: int, *,
-                 server_lora: str = "per_client", flops_cache: dict | None = None) -> SegmentCost:
-  """Memory (compiled with the segment's real block count) and FLOPs (extrapolated from 0 and 1 blocks).
-
-  `flops_cache` (a dict) memoises the 0/1-block calibration, which does not depend on k.
-  """
+def _compiled_cost(config: ModelConfig, name: str, params: Params, lora: Params | None, b: int, t: int,
+                   server_lora: str) -> SegmentCost:
+  """XLA's memory stats of the segment compiled with its real block count, and XLA's raw FLOP count."""
   mem, param_bytes, raw_flops = _analyse(config, name, params, lora, b, t, server_lora)
+  return SegmentCost(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.temp_size_in_bytes),
+                     int(mem.alias_size_in_bytes), int(param_bytes), raw_flops)
+
+
+def segment_cost(config: ModelConfig, name: str, params: Params, lora: Params | None, b: int, t: int, *,
+                 server_lora: str = "per_client") -> SegmentCost:
+  """Memory (compiled with the segment's real block count) and FLOPs (extrapolated from 0 and 1 blocks;
+  `_analyse` memoises those calibration compiles, which every k shares)."""
+  cost = _compiled_cost(config, name, params, lora, b, t, server_lora)
   n = jax.tree.leaves(params["blocks"])[0].shape[0]
   if n <= 1:  # 0 or 1 loop trips: XLA removes/inlines the loop, so the count is exact
-    flops = raw_flops
-  else:
-    key = (name, b, t, server_lora)
-    cache = {} if flops_cache is None else flops_cache
-    if key not in cache:
-      resize = lambda tree, m: None if tree is None else _with_blocks(tree, m)
-      cache[key] = tuple(_analyse(config, name, resize(params, m), resize(lora, m), b, t, server_lora)[2]
-                         for m in (0, 1))
-    f0, f1 = cache[key]
-    flops = f0 + n * (f1 - f0)
-  return SegmentCost(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.temp_size_in_bytes),
-                     int(mem.alias_size_in_bytes), int(param_bytes), flops)
+    return cost
+  resize = lambda tree, m: None if tree is None else _with_blocks(tree, m)
+  f0, f1 = (_analyse(config, name, resize(params, m), resize(lora, m), b, t, server_lora)[2] for m in (0, 1))
+  return dataclasses.replace(cost, flops=f0 + n * (f1 - f0))
+
+
+def _footprint(split: dict[str, Any], working_bytes: int) -> int:
+  """Client base params + adapters + optimizer state (from `param_split`) + working memory."""
+  return int(split["client_param_bytes"] + split.get("client_lora_bytes", 0) + split.get("client_opt_bytes", 0)
+             + working_bytes)
 
 
 # ----------------------------------------------------------------------------- the per-k report
@@ -262,14 +266,12 @@ def traffic_per_step(config: ModelConfig, b: int, t: int) -> dict[str, int]:
 
 def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: Params | None = None,
            lora: Params | None = None, tx: optax.GradientTransformation | None = None,
-           server_lora: str = "per_client", micro_per_round: int | None = None,
-           flops_cache: dict | None = None) -> dict[str, Any]:
+           server_lora: str = "per_client", micro_per_round: int | None = None) -> dict[str, Any]:
   """Everything about cut k for one client training on `[batch_size, seq_len]` micro-batches.
 
   `base`/`lora` default to abstract shapes of `config`. `micro_per_round` (micro-batches per local
   round) turns per-step traffic into per-round traffic, plus the adapter exchange for aggregation
   (the client uploads and downloads the adapters it holds; the server already holds the body's).
-  `flops_cache` (a dict) reuses the 0/1-block FLOP calibration across k.
   """
   base = abstract_params(config) if base is None else base
   lora = abstract_lora(config, base) if lora is None and config.lora is not None else lora
@@ -279,8 +281,7 @@ def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: 
   lsegs = dict(zip(segs, split_shapes(config, lora, k))) if lora is not None else dict.fromkeys(segs)
   costs = {}
   for name in segs:
-    costs[name] = segment_cost(config, name, segs[name], lsegs[name], batch_size, seq_len, server_lora=server_lora,
-                               flops_cache=flops_cache)
+    costs[name] = segment_cost(config, name, segs[name], lsegs[name], batch_size, seq_len, server_lora=server_lora)
   for name, c in costs.items():
     out[name] = dataclasses.asdict(c) | {"peak_bytes": c.peak_bytes, "working_bytes": c.working_bytes}
   client_flops = costs["client_head"].flops + costs["client_tail"].flops
@@ -289,9 +290,8 @@ def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: 
   out["client_share_flops"] = client_flops / max(client_flops + costs["server_body"].flops, 1.0)
   out["client_peak_bytes"] = max(costs["client_head"].peak_bytes, costs["client_tail"].peak_bytes)
   out["server_peak_bytes"] = costs["server_body"].peak_bytes
-  out["client_footprint_bytes"] = (out["client_param_bytes"] + out.get("client_lora_bytes", 0)
-                                   + out.get("client_opt_bytes", 0)
-                                   + costs["client_head"].working_bytes + costs["client_tail"].working_bytes)
+  out["client_footprint_bytes"] = _footprint(out, costs["client_head"].working_bytes
+                                             + costs["client_tail"].working_bytes)
   step = traffic_per_step(config, batch_size, seq_len)
   out |= {"bytes_up_per_step": step["up"], "bytes_down_per_step": step["down"]}
   if micro_per_round is not None:
@@ -305,20 +305,18 @@ def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: 
 # ----------------------------------------------------------------------------- flexible storage
 
 def client_footprint_bytes(config: ModelConfig, k: int, batch_size: int, seq_len: int, *,
-                           tx: optax.GradientTransformation | None = None, server_lora: str = "per_client") -> int:
-  """Client base params + adapters + optimizer state + working memory of its two compiled segments."""
-  base = abstract_params(config)
-  lora = abstract_lora(config, base)
+                           tx: optax.GradientTransformation | None = None, server_lora: str = "per_client",
+                           base: Params | None = None, lora: Params | None = None) -> int:
+  """Client base params + adapters + optimizer state + working memory of its two compiled segments.
+  `base`/`lora` default to abstract shapes of `config`."""
+  base = abstract_params(config) if base is None else base
+  lora = abstract_lora(config, base) if lora is None else lora
   split = param_split(config, base, k, lora=lora, tx=tx, server_lora=server_lora)
   head, _, tail = split_shapes(config, base, k)
   l_head, _, l_tail = split_shapes(config, lora, k) if lora is not None else (None, None, None)
-  working = 0
-  for name, p, l in (("client_head", head, l_head), ("client_tail", tail, l_tail)):
-    m, param_bytes, _ = _analyse(config, name, p, l, batch_size, seq_len, server_lora)
-    working += (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                - m.alias_size_in_bytes - param_bytes)
-  return int(split["client_param_bytes"] + split.get("client_lora_bytes", 0) + split.get("client_opt_bytes", 0)
-             + working)
+  working = sum(_compiled_cost(config, name, p, l, batch_size, seq_len, server_lora).working_bytes
+                for name, p, l in (("client_head", head, l_head), ("client_tail", tail, l_tail)))
+  return _footprint(split, working)
 
 
 def choose_split_k(config: ModelConfig, budget_mb: float, batch_size: int, seq_len: int, *,
@@ -329,11 +327,15 @@ def choose_split_k(config: ModelConfig, budget_mb: float, batch_size: int, seq_l
   a binary search compiles O(log L) head segments. Raises ValueError when even k=0 does not fit.
   """
   budget = budget_mb * MIB
-  fits = lambda k: client_footprint_bytes(config, k, batch_size, seq_len, tx=tx, server_lora=server_lora) <= budget
+  base = abstract_params(config)
+  lora = abstract_lora(config, base)
+  footprint = lambda k: client_footprint_bytes(config, k, batch_size, seq_len, tx=tx, server_lora=server_lora,
+                                               base=base, lora=lora)
+  fits = lambda k: footprint(k) <= budget
   lo, hi = 0, config.num_layers - 1
-  if not fits(lo):
-    need = client_footprint_bytes(config, 0, batch_size, seq_len, tx=tx, server_lora=server_lora) / MIB
-    raise ValueError(f"client memory budget {budget_mb} MiB is below the k=0 footprint ({need:.1f} MiB: "
+  smallest = footprint(lo)
+  if smallest > budget:
+    raise ValueError(f"client memory budget {budget_mb} MiB is below the k=0 footprint ({smallest / MIB:.1f} MiB: "
                      f"embeddings, last block, head and their working memory for batch {batch_size}x{seq_len})")
   while lo < hi:  # invariant: fits(lo)
     mid = (lo + hi + 1) // 2

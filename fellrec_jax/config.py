@@ -117,7 +117,7 @@ class RunConfig:
     need(self.split_k is None or len(self.split_k) in (1, self.num_clients) or self.mode in ("resources", "attack"),
          "split_k",
          f"give one k or one per client (--num_clients={self.num_clients})")
-    auto = self.split_k == ("auto",)
+    auto = self.auto_split
     need(self.split_k is None or auto or all(isinstance(k, int) and k >= 0 for k in self.split_k), "split_k",
          "give integers k >= 0, or 'auto'")
     need(not auto or self.client_memory_budget_mb is not None, "split_k",
@@ -152,10 +152,20 @@ class RunConfig:
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
 
+  @property
+  def auto_split(self) -> bool:
+    """`--split_k=auto`: cuts to be chosen from `client_memory_budget_mb` once the model is known."""
+    return self.split_k == ("auto",)
+
+  @property
+  def explicit_cuts(self) -> tuple[int, ...]:
+    """The `--split_k` values given as integers (empty when unset or auto)."""
+    return () if self.split_k is None or self.auto_split else self.split_k
+
   def split_for_client(self, c: int) -> int | None:
     """The cut of client c (None: unsplit); `split_k="auto"` must have been resolved first."""
     if self.split_k is None:
       return None
-    if self.split_k == ("auto",):
+    if self.auto_split:
       raise ConfigError("--split_k=auto is resolved from --client_memory_budget_mb once the model is loaded")
     return self.split_k[0] if len(self.split_k) == 1 else self.split_k[c]

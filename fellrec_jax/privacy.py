@@ -31,19 +31,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
 
-def tree_l2_norm(tree: PyTree) -> jax.Array:
-  """The L2 norm of all leaves together (fp32 scalar), without a flattened copy."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.zeros(())
-
-
 def clip_update(delta: PyTree, clip: float) -> tuple[PyTree, jax.Array]:
   """`(delta * min(1, clip / ||delta||), ||delta||)`; the clipped tree has norm <= clip."""
-  norm = tree_l2_norm(delta)
+  norm = optax.tree.norm(delta)
   scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-12))
   return jax.tree.map(lambda x: (x * scale).astype(x.dtype), delta), norm
 
@@ -132,8 +127,10 @@ def dp_report(*, clip: float, noise_multiplier: float, rounds: int, num_clients:
   """The `results.json["dp"]` entry: settings and epsilon with and without sampling amplification."""
   delta = default_delta(num_clients) if delta is None else delta
   q = 1.0 if clients_per_round is None else min(1.0, clients_per_round / num_clients)
+  eps = epsilon(noise_multiplier, rounds, delta=delta, accountant=accountant)
   return {"clip": clip, "noise_multiplier": noise_multiplier, "noise_std": noise_multiplier * clip,
           "rounds": rounds, "sampling_rate": q, "delta": delta, "accountant": accountant,
           "neighbouring": "add/remove one client",
-          "epsilon": epsilon(noise_multiplier, rounds, delta=delta, accountant=accountant),
-          "epsilon_amplified": epsilon(noise_multiplier, rounds, sampling_rate=q, delta=delta, accountant=accountant)}
+          "epsilon": eps,
+          "epsilon_amplified": eps if q == 1.0 else epsilon(noise_multiplier, rounds, sampling_rate=q, delta=delta,
+                                                            accountant=accountant)}

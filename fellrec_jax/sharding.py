@@ -30,9 +30,7 @@ def make_mesh(clients: int | None = None, model: int = 1) -> jax.sharding.Mesh:
 
 def per_client(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   """Shardings splitting each leaf's leading clients axis (replicated when it does not divide)."""
-  size = mesh.shape[CLIENTS]
-  spec = lambda x: P(CLIENTS) if x.ndim and x.shape[0] % size == 0 else P()
-  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree)
+  return jax.tree.map(lambda x: over_clients(mesh, x.shape[0]) if x.ndim else NamedSharding(mesh, P()), tree)
 
 
 def over_clients(mesh: jax.sharding.Mesh, num_clients: int) -> NamedSharding:

@@ -71,11 +71,6 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tupl
   return statistics.median(times), times
 
 
-def tree_bytes(tree) -> int:
-  import jax
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def available_memory_bytes() -> int:
   """Host memory the process may still use (MemAvailable); on an accelerator, its free memory."""
   import jax
@@ -522,7 +517,7 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
   """
   import jax
   import optax
-  from federated import client
+  from federated import client, resources
   g = FLAGS.scale_group_size
   steps, batch, seq_len = 1, 1, 16
   config, base = make_model(model, "bfloat16" if gpu else "float32")
@@ -542,11 +537,11 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
     return mem
 
   one = abstract_round(config, base, 1, steps, batch, seq_len, tx)
-  state_per_client = tree_bytes(one[1]) + tree_bytes(one[2])
-  data_per_client = tree_bytes(one[3])
+  state_per_client = resources.nbytes(one[1]) + resources.nbytes(one[2])
+  data_per_client = resources.nbytes(one[3])
   result = {"model": model, "group_size": g, "shape": {"S": steps, "A": 1, "B": batch, "T": seq_len}, "budget_bytes": budget,
-            "base_bytes": tree_bytes(base), "adapter_bytes_per_client": tree_bytes(one[1]),
-            "optimizer_bytes_per_client": tree_bytes(one[2]), "state_bytes_per_client": state_per_client,
+            "base_bytes": resources.nbytes(base), "adapter_bytes_per_client": resources.nbytes(one[1]),
+            "optimizer_bytes_per_client": resources.nbytes(one[2]), "state_bytes_per_client": state_per_client,
             "data_bytes_per_client": data_per_client}
   for donate in ("donated",) if (quick or gpu) else tuple(donations):
     lo, hi = 4 * g, 16 * g

@@ -35,8 +35,7 @@ def main(argv):
   from federated import experiment  # after flag parsing so --help stays fast
   if cfg.mode in ("resources", "attack"):
     from launch import attack, resources
-    split_ks = None if cfg.split_k in (None, ("auto",)) else list(cfg.split_k)
-    (resources if cfg.mode == "resources" else attack).run(cfg, split_ks)
+    (resources if cfg.mode == "resources" else attack).run(cfg, list(cfg.explicit_cuts) or None)
     print(f"results are in {Path(cfg.workdir).absolute()}")
     return
   if cfg.mode == "prepare":

@@ -20,7 +20,7 @@ from absl import logging
 
 import models
 from fellrec_jax.config import RunConfig
-from federated import resources
+from federated import engine, experiment, resources
 from models.loading import hf_config
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 20, 24)
@@ -36,23 +36,19 @@ def model_config(cfg: RunConfig) -> models.ModelConfig:
     config, _, _ = models.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
   else:
     config, _, _ = models.load(cfg.model, dtype=cfg.dtype)  # a preset or .gguf: its metadata decides the shapes
-  lora = models.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           targets=tuple(cfg.lora_targets))
-  return dataclasses.replace(config, lora=lora, remat=cfg.remat)
+  return dataclasses.replace(config, lora=experiment.lora_config(cfg), remat=cfg.remat)
 
 
 def micro_per_round(cfg: RunConfig) -> int | None:
   """Micro-batches in one local round of the largest client (as the engine computes it), or None
   when the run's data cannot be prepared here."""
   try:
-    from federated import experiment
     prep, _ = experiment.prepare(cfg)
   except Exception as e:  # the table stands without per-round traffic
     logging.warning("no per-round traffic: cannot prepare --dataset=%s (%s)", cfg.dataset, e)
     return None
   largest = max(len(prep.client_windows(c)) for c in range(prep.num_clients))
-  epoch_steps = math.ceil(largest / cfg.batch_size)
-  return cfg.grad_accum * max(1, math.ceil(cfg.local_epochs * epoch_steps / cfg.grad_accum))
+  return engine.micro_batches_per_round(cfg, math.ceil(largest / cfg.batch_size))
 
 
 def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
@@ -66,9 +62,8 @@ def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
   micro = micro_per_round(cfg)
   base = resources.abstract_params(config)
   lora = resources.abstract_lora(config, base)
-  cache: dict = {}
   rows = [resources.report(config, k, batch_size=b, seq_len=t, base=base, lora=lora, server_lora=cfg.server_lora,
-                           micro_per_round=micro, flops_cache=cache) for k in ks]
+                           micro_per_round=micro) for k in ks]
   out: dict[str, Any] = {"model": cfg.model, "model_config": dataclasses.asdict(config), "batch_size": b,
                          "seq_len": t, "dtype": cfg.dtype, "server_lora": cfg.server_lora,
                          "micro_per_round": micro, "rows": rows}

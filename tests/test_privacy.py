@@ -25,7 +25,7 @@ def test_clipping_bounds_the_norm_and_keeps_small_updates():
   big = _tree(0, scale=10.0)
   clipped, norm = privacy.clip_update(big, 1.5)
   assert float(norm) > 1.5
-  np.testing.assert_allclose(float(privacy.tree_l2_norm(clipped)), 1.5, rtol=1e-5)
+  np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1.5, rtol=1e-5)
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
   np.testing.assert_allclose(flat(clipped) / np.linalg.norm(flat(clipped)), flat(big) / np.linalg.norm(flat(big)),
                              rtol=1e-5, atol=1e-7)  # direction kept
@@ -55,7 +55,7 @@ def test_privatize_uploads_per_client_and_participation():
   out, norms = jax.jit(lambda l, a, k, p: privacy.privatize_uploads(l, a, k, 1.0, 0.0, p))(
       lora, anchor, jax.random.key(0), participating)
   delta = jax.tree.map(lambda o, a: o - a, out, anchor)
-  per_client = [float(privacy.tree_l2_norm(jax.tree.map(lambda x: x[c], delta))) for c in range(3)]
+  per_client = [float(optax.tree.norm(jax.tree.map(lambda x: x[c], delta))) for c in range(3)]
   np.testing.assert_allclose([per_client[0], per_client[2]], [1.0, 1.0], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(lora)):  # the absent client uploads nothing
     np.testing.assert_array_equal(x[1], y[1])

@@ -43,8 +43,7 @@ def test_client_and_server_counts_add_up(tied):
 
 def test_client_share_grows_with_k_and_traffic_matches_the_split_step():
   cfg = _tiny()
-  cache = {}
-  rows = [resources.report(cfg, k, batch_size=2, seq_len=16, flops_cache=cache, micro_per_round=3)
+  rows = [resources.report(cfg, k, batch_size=2, seq_len=16, micro_per_round=3)
           for k in range(cfg.num_layers)]
   for key in ("client_share_params", "client_share_flops", "client_footprint_bytes", "client_flops_per_example"):
     values = [r[key] for r in rows]
