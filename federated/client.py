@@ -28,6 +28,9 @@ PyTree = Any
 Batch = dict[str, jax.Array]
 
 
+ITEM_SIDES = ("frozen", "table", "encoder")
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalSpec:
   """Static description of a client's local step.
@@ -35,22 +38,83 @@ class LocalSpec:
   split_k: None trains the unsplit model; an int runs the real U-shaped split at block k.
   server_lora: "per_client" (server blocks carry this client's adapters) or "frozen" (no server adapters).
   hidden: the loss sees final hidden states `[B, T, D]` instead of logits (discriminative training).
+  item_side: where the discriminative item vectors `[I, D]` that users are scored against come from (None
+    for generative training):
+    "frozen": base-model title embeddings, `base["items"]["table_id"]`;
+    "table": a trainable table `trainable["items"]["table_id"]`, or a trainable low-rank correction
+      `trainable["items"]["u_ir"] @ ["v_rd"]` of the frozen one, trained and aggregated like the adapters;
+    "encoder": the titles `base["items"]["title_ids"/"title_mask"]` re-encoded under the client's adapters
+      once per local round (RecFormer), without gradient.
+  item_tokens: inputs are item ids, one position each, embedded with the frozen base-model title embeddings
+    `base["items"]["input_id"]` (item-as-token). Frozen inputs make a client head without adapters a
+    constant function of the data, so its activations can be computed once (`batch["head_act"]`).
   """
 
   config: ModelConfig
   split_k: int | None = None
   server_lora: str = "per_client"
   hidden: bool = False
+  item_side: str | None = None
+  item_tokens: bool = False
 
   def __post_init__(self):
     if self.server_lora not in ("per_client", "frozen"):
       raise ValueError(f"server_lora must be 'per_client' or 'frozen', got {self.server_lora!r}")
+    if self.item_side not in (None, *ITEM_SIDES):
+      raise ValueError(f"item_side must be one of {ITEM_SIDES} or None, got {self.item_side!r}")
 
 
-def generative_loss(logits_brv: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def item_vectors(base: PyTree, trainable: PyTree) -> jax.Array | None:
+  """`[I, D]` the vectors items are scored by: the client's trainable table if it has one (a full table
+  `table_id`, or a low-rank correction `u_ir @ v_rd` of the frozen `base["items"]["table_id"]`), else
+  `base["items"]["table_id"]` (frozen, or this round's re-encoded titles from `with_round_items`); None for
+  generative training."""
+  frozen = base.get("items", {}).get("table_id")
+  items = trainable.get("items")
+  if items is None:
+    return frozen
+  if "table_id" in items:
+    return items["table_id"]
+  return frozen + items["u_ir"] @ items["v_rd"]
+
+
+def with_round_items(spec: LocalSpec, base: PyTree, trainable: PyTree, batch_size: int = 256) -> PyTree:
+  """`base` with this round's item vectors for `item_side="encoder"`: every title encoded (bidirectionally,
+  mean-pooled) under the client's current adapters, as RecFormer re-encodes its items each epoch. The
+  vectors are constants of the round: no gradient flows into them. Other item sides: `base` unchanged."""
+  if spec.item_side != "encoder":
+    return base
+  text_config = dataclasses.replace(spec.config, causal=False)
+  titles = base["items"]
+
+  def encode(row):  # one title `[Tt]` (lax.map batches `batch_size` of them)
+    ids, mask = row
+    return models.sequence_representation(text_config, base, ids[None], mask[None], lora=trainable)[0]
+
+  vectors_id = jax.lax.map(encode, (titles["title_ids"], titles["title_mask"]), batch_size=batch_size)
+  return dict(base, items=dict(titles, table_id=jax.lax.stop_gradient(vectors_id)))
+
+
+def model_params(spec: LocalSpec, params: PyTree, base: PyTree) -> PyTree:
+  """`params` (the whole model or a segment) as the model runs them: for item-as-token inputs the token
+  table is the frozen item input vectors `base["items"]["input_id"]`."""
+  return models.item_token_params(params, base["items"]["input_id"]) if spec.item_tokens else params
+
+
+def item_scores(user_bd: jax.Array, items_id: jax.Array, score: str = "cosine") -> jax.Array:
+  """`[..., I]` scores of users `[..., D]` against items: "cosine" (RecFormer) or "dot" (SASRec; vector
+  norms can carry popularity)."""
+  if score == "dot":
+    return user_bd @ items_id.T
+  return cosine_scores(user_bd, items_id)
+
+
+def generative_loss(logits_brv: jax.Array, batch: Batch, items_id: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over the target positions, and the number of target tokens.
 
   `logits_brv` are the logits at `batch["target_index"]` only (`model_outputs` asks the model for those).
+  Losses share the signature `(outputs, batch, items_id) -> (loss_sum, count)`; this one has no item side.
   """
   targets_br = jnp.take_along_axis(batch["input_ids"], batch["target_index"] + 1, axis=-1)
   mask = batch["target_mask"] * batch["example_mask"][..., None]
@@ -65,24 +129,31 @@ def model_outputs(hidden: bool, batch: Batch) -> dict[str, Any]:
 
 
 def cosine_scores(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
-  """Cosine similarities `[B, I]`: the score the discriminative evaluation ranks by."""
+  """Cosine similarities `[..., I]` of users `[..., D]` and items: the score the discriminative evaluation
+  ranks by."""
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
   return unit(user_bd) @ unit(items_id).T
 
 
-def discriminative_loss(config: ModelConfig, item_emb_id: jax.Array, temperature: float = 0.05):
-  """Full-softmax cross-entropy over every item: `cos(user, item) / temperature` (RecFormer) against the target.
+def discriminative_loss(config: ModelConfig, temperature: float = 0.05, score: str = "cosine"):
+  """Full-softmax cross-entropy over every item: `item_scores(user, item) / temperature` against the target.
 
-  The user is the last column's hidden state (decoders; prompts left-padded) or the mean over real tokens
-  (encoders), as `federated.evaluation.text_representations`. Batch: input_ids, attention_mask [B, T],
-  target [B], example_mask [B]. Returns `(loss_sum, examples)`.
+  Prompt batches (target `[B]`): the user is the last column's hidden state (left-padded inputs) or the mean
+  over real tokens (encoders), as `models.sequence_representation`. Item-as-token batches (target `[B, T]`,
+  the next item at every position): every real position is a user state and predicts its next item, so a
+  sequence of T items trains T examples at once (SASRec). Batch: input_ids, attention_mask [B, T], target,
+  example_mask [B]. Returns `(loss_sum, examples)`.
   """
-  def loss(hidden_btd, batch):
+  def loss(hidden_btd, batch, items_id):
     h = hidden_btd.astype(jnp.float32)
-    user_bd = h[:, -1] if config.is_decoder else models.mean_pool(h, batch["attention_mask"])
-    logits_bi = cosine_scores(user_bd, item_emb_id.astype(jnp.float32)) / temperature
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_bi, batch["target"])
-    mask = batch["example_mask"].astype(jnp.float32)
+    example_mask = batch["example_mask"].astype(jnp.float32)
+    if batch["target"].ndim == 2:
+      user, mask = h, batch["attention_mask"].astype(jnp.float32) * example_mask[:, None]
+    else:
+      user = h[:, -1] if config.left_padded else models.mean_pool(h, batch["attention_mask"])
+      mask = example_mask
+    logits = item_scores(user, items_id.astype(jnp.float32), score) / temperature
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])
     return jnp.sum(nll * mask), jnp.sum(mask)
   return loss
 
@@ -92,19 +163,26 @@ def _concat_layers(*trees):
 
 
 def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
-  """Loss sum, token count, LoRA grads and cut traffic of one micro-batch through the real split.
+  """Loss sum, token count, trainable grads and cut traffic of one micro-batch through the real split.
 
-  Returns `(loss_sum, count, grads, traffic)` with `traffic = {"up": bytes client->server,
-  "down": bytes server->client}`.
+  A trainable item table (`lora["items"]`) scores on the client tail: its gradient never crosses the cut.
+  Returns `(loss_sum, count, grads,
+  traffic)` with `traffic = {"up": bytes client->server, "down": bytes server->client}`.
   """
   cfg, k = spec.config, spec.split_k
   head, body, tail = models.split(cfg, base, k)
   lora_head, lora_body, lora_tail = models.split(cfg, lora, k)
+  items = lora.get("items")  # a trainable item table scores on the client tail only
+  vectors = lambda it: item_vectors(base, {} if it is None else {"items": it})
   rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
   mask = batch["attention_mask"]
 
-  act_up, head_vjp = jax.vjp(
-      lambda lh: models.client_head(cfg, head, batch["input_ids"], mask, lora=lh, rng=rngs[0]), lora_head)
+  if "head_act" in batch:  # a client head without adapters: its activations were computed once
+    act_up, head_vjp = batch["head_act"], lambda g: (jax.tree.map(jnp.zeros_like, lora_head),)
+  else:
+    act_up, head_vjp = jax.vjp(
+        lambda lh: models.client_head(cfg, model_params(spec, head, base), batch["input_ids"], mask, lora=lh,
+                                      rng=rngs[0]), lora_head)
   if spec.server_lora == "per_client":
     act_down, body_vjp = jax.vjp(
         lambda lb, a: models.server_body(cfg, body, a, mask, lora=lb, rng=rngs[1]), lora_body, act_up)
@@ -112,25 +190,32 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
     act_down, frozen_vjp = jax.vjp(lambda a: models.server_body(cfg, body, a, mask), act_up)
     body_vjp = lambda g: (jax.tree.map(jnp.zeros_like, lora_body), *frozen_vjp(g))
   loss_sum, tail_vjp, count = jax.vjp(
-      lambda lt, a: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2],
-                                               **model_outputs(spec.hidden, batch)), batch),
-      lora_tail, act_down, has_aux=True)
+      lambda lt, a, it: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2],
+                                                   **model_outputs(spec.hidden, batch)), batch, vectors(it)),
+      lora_tail, act_down, items, has_aux=True)
 
-  grad_tail, grad_down = tail_vjp(jnp.ones_like(loss_sum))
+  grad_tail, grad_down, items_tail = tail_vjp(jnp.ones_like(loss_sum))
   grad_body, grad_up = body_vjp(grad_down)
   (grad_head,) = head_vjp(grad_up)
+  grads = _concat_layers(grad_head, grad_body, grad_tail)
+  if items is not None:
+    grads["items"] = items_tail
   nbytes = lambda x: x.size * x.dtype.itemsize
   traffic = {"up": nbytes(act_up) + nbytes(grad_down), "down": nbytes(act_down) + nbytes(grad_up)}
-  return loss_sum, count, _concat_layers(grad_head, grad_body, grad_tail), traffic
+  return loss_sum, count, grads, traffic
+
+
+def forward_loss(spec: LocalSpec, base: PyTree, trainable: PyTree, batch: Batch, rng=None, loss_fn=generative_loss):
+  """`(loss_sum, count)` of one micro-batch through the whole model in one place."""
+  out = models.apply(spec.config, model_params(spec, base, base), batch["input_ids"], batch["attention_mask"],
+                     lora=trainable, rng=rng, **model_outputs(spec.hidden, batch))
+  return loss_fn(out, batch, item_vectors(base, trainable))
 
 
 def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
   """Same contract as `split_value_and_grad` for the whole model in one place (no traffic)."""
-  def loss(lp):
-    out = models.apply(spec.config, base, batch["input_ids"], batch["attention_mask"], lora=lp, rng=rng,
-                       **model_outputs(spec.hidden, batch))
-    return loss_fn(out, batch)
-  (loss_sum, count), grads = jax.value_and_grad(loss, has_aux=True)(lora)
+  (loss_sum, count), grads = jax.value_and_grad(
+      lambda lp: forward_loss(spec, base, lp, batch, rng, loss_fn), has_aux=True)(lora)
   return loss_sum, count, grads, {"up": 0, "down": 0}
 
 
@@ -144,6 +229,8 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   value_and_grad = unsplit_value_and_grad if spec.split_k is None else split_value_and_grad
 
   def local_update(base, lora, opt_state, batches, rng):
+    base = with_round_items(spec, base, lora)
+
     def step(carry, xs):
       lora, opt_state, anchor = carry
       step_batches, key = xs
@@ -155,18 +242,29 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
         return (acc[0] + loss_sum, acc[1] + count, jax.tree.map(jnp.add, acc[2], grads),
                 acc[3] + active * traffic["up"], acc[4] + active * traffic["down"]), None
 
-      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, lora), jnp.zeros(()), jnp.zeros(()))
-      keys = jax.random.split(key, jax.tree.leaves(step_batches)[0].shape[0])
-      (loss_sum, count, grads, up, down), _ = jax.lax.scan(micro, zero, (step_batches, keys))
-      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-      if penalty is not None:
-        grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(lora, anchor))
-      updates, new_opt = tx.update(grads, opt_state, lora)
-      active = count > 0
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-      stats = {"loss_sum": loss_sum, "tokens": count, "examples": jnp.sum(step_batches["example_mask"]),
-               "bytes_up": up, "bytes_down": down, "steps": active.astype(jnp.float32)}
-      return (keep(optax.apply_updates(lora, updates), lora), keep(new_opt, opt_state), anchor), stats
+      def train(_):
+        zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, lora), jnp.zeros(()), jnp.zeros(()))
+        keys = jax.random.split(key, jax.tree.leaves(step_batches)[0].shape[0])
+        (loss_sum, count, grads, up, down), _ = jax.lax.scan(micro, zero, (step_batches, keys))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        if penalty is not None:
+          grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(lora, anchor))
+        updates, new_opt = tx.update(grads, opt_state, lora)
+        active = count > 0
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+        stats = {"loss_sum": loss_sum, "tokens": count, "bytes_up": up, "bytes_down": down,
+                 "steps": active.astype(jnp.float32)}
+        return keep(optax.apply_updates(lora, updates), lora), keep(new_opt, opt_state), stats
+
+      def skip(_):
+        return lora, opt_state, {name: jnp.zeros(()) for name in ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps")}
+
+      # A client past the end of its data gets all-padding steps (lockstep epochs). Run one client at a
+      # time (`--client_group_size=1`) and this is a real branch that skips them; under vmap the predicate
+      # is batched and both branches run, with the same result.
+      lora, opt_state, stats = jax.lax.cond(jnp.any(step_batches["example_mask"] > 0), train, skip, None)
+      stats["examples"] = jnp.sum(step_batches["example_mask"])
+      return (lora, opt_state, anchor), stats
 
     num_steps = jax.tree.leaves(batches)[0].shape[0]
     (lora, opt_state, _), per_step = jax.lax.scan(
@@ -178,8 +276,8 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   return local_update
 
 
-def in_groups(vmapped, group_size: int, shards: int = 1):
-  """Runs `vmapped(base, lora, opt_state, batches, keys)` over the clients axis g at a time per shard,
+def in_groups(local_update, group_size: int, shards: int = 1):
+  """Runs `local_update(base, lora, opt_state, batches, key)` over the clients axis g at a time per shard,
   writing each group's new adapters and optimizer state back into the stacked state in place.
 
   A `fori_loop` over groups carries the whole state and updates a slice per iteration, so with donated
@@ -188,8 +286,15 @@ def in_groups(vmapped, group_size: int, shards: int = 1):
   section). With the clients axis split over `shards` devices, the state is viewed as
   `[shards, C / shards, ...]` and each iteration takes g clients from every shard, so the loop slices
   an unsplit axis and no device gathers another's clients. A last group of the remainder runs after
-  the loop.
+  the loop. A group of one client (g = 1, one shard) runs `local_update` itself, not its vmap, so the
+  client's control flow stays unbatched (its all-padding steps are skipped, not computed and discarded).
   """
+  vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+
+  def one(base, *per_client):  # [1, ...] slices -> the unbatched update -> [1, ...]
+    out = local_update(base, *jax.tree.map(lambda x: x[0], per_client))
+    return jax.tree.map(lambda x: x[None], out)
+
   def run(base, lora, opt_state, batches, keys):
     num_clients = jax.tree.leaves(lora)[0].shape[0]
     n_shards = shards if num_clients % shards == 0 else 1  # `sharding.over_clients` replicates then
@@ -213,7 +318,7 @@ def in_groups(vmapped, group_size: int, shards: int = 1):
 
     def group(start, size, carry):
       lora, opt_state, stats = carry
-      new = vmapped(base, *rows((lora, opt_state, batches, keys), start, size))
+      new = (one if size * n_shards == 1 else vmapped)(base, *rows((lora, opt_state, batches, keys), start, size))
       return write(lora, new[0], start), write(opt_state, new[1], start), write(stats, new[2], start)
 
     carry = jax.lax.fori_loop(0, full, lambda i, c: group(i * size, size, c), (lora, opt_state, stats))
@@ -229,8 +334,9 @@ def over_clients(local_update, execution: str = "vmap", group_size: int | None =
   per client). `shards`: devices on the mesh's clients axis.
   """
   if execution == "vmap":
-    vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
-    return in_groups(vmapped, group_size, shards) if group_size and group_size > 0 else vmapped
+    if group_size and group_size > 0:
+      return in_groups(local_update, group_size, shards)
+    return jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
   if execution == "sequential":
     one = jax.jit(local_update)
 

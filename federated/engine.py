@@ -22,7 +22,7 @@ import models
 from fellrec_jax import checkpoint, privacy, sharding
 from fellrec_jax.config import RunConfig
 from fellrec_jax.data import pipeline
-from federated import client, strategies
+from federated import client, resources, strategies
 
 PyTree = Any
 
@@ -34,7 +34,7 @@ class FedState:
   lora: PyTree
   opt_state: PyTree
   best_lora: PyTree
-  best_valid_loss: jax.Array  # [C], +inf until the first validation
+  best_valid: jax.Array  # [C] the selection criterion of best_lora, lower is better (loss or -metric); +inf first
 
 
 def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
@@ -44,6 +44,17 @@ def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransforma
       [optax.linear_schedule(0.0, cfg.learning_rate, warmup) if warmup else optax.constant_schedule(cfg.learning_rate),
        optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1))], [warmup])
   return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+
+def init_item_table(item_emb: np.ndarray, rank: int, rng: jax.Array) -> dict[str, jax.Array]:
+  """A client's trainable item side: the whole `[I, D]` table from the title embeddings (rank 0), or a
+  low-rank correction `u_ir @ v_rd` of the frozen embeddings, LoRA-style (v = 0: it starts at the
+  embeddings), which leaves the rare items' vectors little to overfit."""
+  if rank == 0:
+    return {"table_id": jnp.asarray(item_emb, jnp.float32)}
+  num_items, dim = item_emb.shape
+  return {"u_ir": jax.random.normal(rng, (num_items, rank), jnp.float32) / np.sqrt(rank),
+          "v_rd": jnp.zeros((rank, dim), jnp.float32)}
 
 
 def micro_batches_per_round(cfg: RunConfig, epoch_steps: int) -> int:
@@ -75,13 +86,13 @@ def heldout_batches(examples: Sequence[pipeline.ClientExamples], batch_size: int
   return {k: np.stack([s[k] for s in steps], axis=1) for k in steps[0]}
 
 
-def make_heldout_loss(config: models.ModelConfig, loss_fn=client.generative_loss, hidden: bool = False):
+def make_heldout_loss(spec: client.LocalSpec, loss_fn=client.generative_loss):
   """`(base, lora_c, batches [C, S, ...]) -> (mean loss [C], count [C])` of each client's own adapter."""
   def one_client(base, lora, batches):
+    base = client.with_round_items(spec, base, lora)
+
     def step(acc, batch):
-      out = models.apply(config, base, batch["input_ids"], batch["attention_mask"], lora=lora,
-                         **client.model_outputs(hidden, batch))
-      loss_sum, count = loss_fn(out, batch)
+      loss_sum, count = client.forward_loss(spec, base, lora, batch, loss_fn=loss_fn)
       return (acc[0] + loss_sum, acc[1] + count), None
     (loss_sum, count), _ = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), batches)
     return loss_sum / jnp.maximum(count, 1.0), count
@@ -100,8 +111,15 @@ class Engine:
   strategy: strategies.Strategy
   mesh: jax.sharding.Mesh
   cuts: Sequence[int | None]  # each training client's split k (None: unsplit)
-  loss_fn: Callable = client.generative_loss  # (model outputs, batch) -> (loss sum, count)
+  loss_fn: Callable = client.generative_loss  # (model outputs, batch, item vectors) -> (loss sum, count)
   hidden: bool = False  # the loss takes final hidden states rather than logits
+  item_side: str | None = None  # see `client.LocalSpec`
+  item_tokens: bool = False
+  item_table: np.ndarray | None = None  # [I, D] initial trainable item table (item_side="table")
+  frozen_head: bool = False  # no adapters on each client's head blocks [0, k) (`--cache_head`)
+  # `(lora_c) -> [C]` validation ranking metric of each client's adapter (higher is better); None selects
+  # each client's best adapter by held-out loss instead
+  valid_metric: Callable[[PyTree], np.ndarray] | None = None
 
   def __post_init__(self):
     cfg, C = self.cfg, len(self.train_examples)
@@ -116,21 +134,33 @@ class Engine:
     self.base = sharding.put(self.base, self.base_shardings)
     per_client = sharding.over_clients(self.mesh, C)
     self._update_fns: dict[int | None, Callable] = {}
-    self._heldout = jax.jit(make_heldout_loss(self.model_config, self.loss_fn, self.hidden),
+    self._heldout = jax.jit(make_heldout_loss(self.spec(None), self.loss_fn),
                             in_shardings=(self.base_shardings, per_client, per_client), out_shardings=per_client)
     self._aggregate = jax.jit(self._aggregate_impl, out_shardings=per_client)
     self.privatize = jax.jit(privacy.privatize_uploads, static_argnums=(3, 4))
     valid = heldout_batches(self.valid_examples, cfg.eval_batch_size)
     self.valid_batches = sharding.put(valid, sharding.per_client(self.mesh, valid))
 
+  def spec(self, k: int | None) -> client.LocalSpec:
+    """The local step of a client cut at k (None: unsplit)."""
+    return client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora, hidden=self.hidden,
+                            item_side=self.item_side, item_tokens=self.item_tokens)
+
   # ------------------------------------------------------------------ state
 
   def init_state(self, rng: jax.Array) -> FedState:
     """Every client starts from the same fresh adapter (B = 0), so FedAvg starts from a common model."""
-    lora = stack_clients(models.init_lora(self.model_config, sharding.to_host(self.base), rng), self.num_clients)
+    lora = models.init_lora(self.model_config, sharding.to_host(self.base), rng)
+    if self.item_side == "table":  # a trainable item table starts from the base-model title embeddings
+      lora["items"] = init_item_table(self.item_table, self.cfg.item_table_rank, jax.random.fold_in(rng, 1))
+    lora = stack_clients(lora, self.num_clients)
+    if self.frozen_head:  # A = B = 0 on blocks [0, k): no gradient ever reaches them, nothing is mixed in
+      layers = np.arange(self.model_config.num_layers)
+      live = jnp.asarray(layers[None, :] >= np.asarray(self.cuts)[:, None], jnp.float32)  # [C, L]
+      lora["blocks"] = jax.tree.map(lambda x: x * live.reshape(*live.shape, *[1] * (x.ndim - 2)), lora["blocks"])
     opt_state = jax.vmap(self.tx.init)(lora)
     state = FedState(lora=lora, opt_state=opt_state, best_lora=lora,
-                     best_valid_loss=jnp.full((self.num_clients,), jnp.inf))
+                     best_valid=jnp.full((self.num_clients,), jnp.inf))
     return sharding.put(state, sharding.per_client(self.mesh, state))
 
   # ------------------------------------------------------------------ local training
@@ -138,8 +168,7 @@ class Engine:
   def _update_fn(self, k: int | None, num_clients: int) -> Callable:
     """The jitted (or, for "sequential", per-client-jitted) local update of `num_clients` clients cut at k."""
     if (k, num_clients) not in self._update_fns:
-      spec = client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora, hidden=self.hidden)
-      local = client.make_local_update(spec, self.tx, self.strategy.local_penalty, self.loss_fn)
+      local = client.make_local_update(self.spec(k), self.tx, self.strategy.local_penalty, self.loss_fn)
       run = client.over_clients(local, self.cfg.client_execution, self.cfg.client_group_size,
                                 shards=self.mesh.shape[sharding.CLIENTS])
       if self.cfg.client_execution == "vmap":  # inputs and outputs pinned: per-client state stays split
@@ -191,15 +220,19 @@ class Engine:
 
   # ------------------------------------------------------------------ validation
 
-  def validate(self, state: FedState) -> tuple[FedState, np.ndarray]:
-    """Held-out loss of each client's current adapter; keeps each client's best adapter."""
+  def validate(self, state: FedState) -> tuple[FedState, dict[str, np.ndarray]]:
+    """Held-out loss of each client's current adapter and, with `valid_metric`, its validation ranking
+    metric; keeps each client's best adapter by `--select_by`. Returns (state, {"loss": [C], ["metric": [C]]})."""
     loss, _ = self._heldout(self.base, state.lora, self.valid_batches)
-    loss = jnp.asarray(sharding.to_host(loss))
-    improved = loss < state.best_valid_loss
+    out = {"loss": np.asarray(sharding.to_host(loss))}
+    if self.valid_metric is not None:
+      out["metric"] = np.asarray(self.valid_metric(state.lora), np.float64)
+    criterion = jnp.asarray(-out["metric"] if "metric" in out else out["loss"], jnp.float32)
+    improved = criterion < state.best_valid
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o),
                                          new, old)
     return state.replace(best_lora=keep(state.lora, state.best_lora),
-                         best_valid_loss=jnp.where(improved, loss, state.best_valid_loss)), np.asarray(loss)
+                         best_valid=jnp.where(improved, criterion, state.best_valid)), out
 
   def participants(self, round_index: int) -> np.ndarray:
     """[C] bool: the clients sampled this round (seeded by (seed, round), so resumes agree)."""
@@ -225,6 +258,7 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
   if restored is not None:
     _, state, meta = restored
     logging.info("resumed from %s at round %d", mngr.directory, meta["round"])
+  resources.check_memory_fits(engine, state)  # before the first compile: refuse a round that will not fit
   batch_iter = pipeline.iterate(engine.train_examples, batch_size=cfg.batch_size, state=meta["data"])
   history = list(meta["history"])
 
@@ -254,11 +288,17 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     state, info = engine.aggregate(state, losses, participating, r, anchor)
     log |= info
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-      state, valid_loss = engine.validate(state)
-      mean_valid = float(np.average(valid_loss, weights=np.maximum(engine.valid_counts, 1e-9)))
-      log["valid"] = {"loss": valid_loss.tolist(), "mean_loss": mean_valid}
-      improved = mean_valid < meta["best_mean_valid"]
-      meta["best_mean_valid"] = min(mean_valid, meta["best_mean_valid"])
+      state, valid = engine.validate(state)
+      weights = np.maximum(engine.valid_counts, 1e-9)
+      log["valid"] = {"loss": valid["loss"].tolist(), "mean_loss": float(np.average(valid["loss"], weights=weights))}
+      criterion = log["valid"]["mean_loss"]
+      if "metric" in valid:  # clients without validation users score 0 and weigh 0
+        name = cfg.selection_metric
+        log["valid"] |= {name: valid["metric"].round(6).tolist(),
+                         f"mean_{name}": float(np.average(valid["metric"], weights=weights))}
+        criterion = -log["valid"][f"mean_{name}"]
+      improved = criterion < meta["best_mean_valid"]
+      meta["best_mean_valid"] = min(criterion, meta["best_mean_valid"])
       meta["bad_evals"] = 0 if improved else meta["bad_evals"] + 1
     jax.block_until_ready(state)
     log["seconds"] = time.perf_counter() - start

@@ -32,6 +32,7 @@ batch of a client is padded with copies of its first row), so generation compile
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from fellrec_jax import metrics
+from fellrec_jax import baselines, metrics
 from fellrec_jax.data import PreparedData, examples
 from federated import client
 from models import transformer as tfm
@@ -73,9 +74,9 @@ def text_rows(config: models.ModelConfig, tokenizer: Tokenizer, texts: Sequence[
 
 def _pad_batch(config: models.ModelConfig, rows: Sequence[Sequence[int]], pad_id: int, width: int
                ) -> tuple[np.ndarray, np.ndarray]:
-  """`(ids [B, width], mask [B, width])`: left-padded for decoders (last column = last token), right for
-  encoders."""
-  side = "left" if config.is_decoder else "right"
+  """`(ids [B, width], mask [B, width])`: left-padded for decoders and causal encoders (last column = last
+  token), right for encoders."""
+  side = "left" if config.left_padded else "right"
   ids, mask = pad_rows(rows, pad_id, side)
   extra = width - ids.shape[1]
   spec = ((0, 0), (extra, 0)) if side == "left" else ((0, 0), (0, extra))
@@ -91,16 +92,7 @@ def _batch_indices(n: int, batch_size: int) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- representations
 
-@functools.partial(jax.jit, static_argnames="config")
-def text_representations(config: models.ModelConfig, base: tfm.Params, ids_bt: jax.Array, mask_bt: jax.Array,
-                         lora: tfm.Params | None = None) -> jax.Array:
-  """`[B, D]` float32: the decoder's final-norm hidden state of the last column (inputs left-padded) or
-  the encoder's mean-pooled last hidden states (inputs right-padded)."""
-  x_btd = tfm.embed(config, base, ids_bt)
-  x_btd = tfm.run_blocks(config, base["blocks"], x_btd, mask_bt, lora_blocks=None if lora is None else lora["blocks"])
-  x_btd = tfm.final_norm(config, base, x_btd)
-  rep_bd = x_btd[:, -1] if config.is_decoder else tfm.mean_pool(x_btd, mask_bt)
-  return rep_bd.astype(jnp.float32)
+text_representations = jax.jit(models.sequence_representation, static_argnames="config")
 
 
 def embed_texts(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, texts: Sequence[str], *,
@@ -208,28 +200,33 @@ def ground(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, t
   return np.asarray(ids_bk), np.sqrt(np.maximum(-np.asarray(neg_d2_bk), 0.0))
 
 
-RankBatch = Callable[[tfm.Params | None, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Ranker = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Params | None, prep: PreparedData,
               part: str, *, ks: Sequence[int], batch_size: int, max_users: int | None, max_prompt_len: int,
-              rank_batch: RankBatch) -> dict:
-  """Runs `rank_batch(lora, ids [B, T], mask [B, T], exclude [B, I]) -> ranked [B, K]` over every client's
-  prompts in fixed-shape batches (T over all clients, B = min(batch_size, largest client)) and summarizes."""
+              ranker: Callable[[tfm.Params | None], Ranker], item_inputs: bool = False) -> dict:
+  """Ranks every client's users in fixed-shape batches and summarizes: `ranker(client's lora)` (built once per
+  client) maps `ids [B, T], mask [B, T], exclude [B, I]` to `ranked [B, K]`. Inputs are the prompts' tokens
+  (T over all clients) or, with `item_inputs`, the users' history item ids (T = history_len, left-padded);
+  B = min(batch_size, largest client)."""
   _check_clients(prep, lora_c)
   clients = _all_clients(prep, part, max_users)
-  rows = [text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
-  width = _round_up(max((len(r) for rs in rows for r in rs), default=1))
+  if item_inputs:
+    rows = [[h[m > 0].tolist() for h, m in zip(w.history, w.history_mask)] for w, _, _ in clients]
+    width, pad_id = prep.split.history_len, 0
+  else:
+    rows = [text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
+    width, pad_id = _round_up(max((len(r) for rs in rows for r in rs), default=1)), tokenizer.pad_id
   batch = max(1, min(batch_size, max(len(rs) for rs in rows)))
   per_client = []
   for c, ((_, targets, excluded), client_rows) in enumerate(zip(clients, rows)):
     if not client_rows:
       per_client.append({})
       continue
-    lora = _client_lora(lora_c, c)
+    rank = ranker(_client_lora(lora_c, c))
     exclude_ui = metrics.exclusion_mask(excluded, len(prep.titles))
-    ranked = [rank_batch(lora, *_pad_batch(config, [client_rows[i] for i in idx], tokenizer.pad_id, width),
-                         exclude_ui[idx])
+    ranked = [rank(*_pad_batch(config, [client_rows[i] for i in idx], pad_id, width), exclude_ui[idx])
               for idx in _batch_indices(len(client_rows), batch)]
     per_client.append(metrics.user_metrics(np.concatenate(ranked)[:len(client_rows)], targets, ks))
   return metrics.summarize(per_client)
@@ -258,60 +255,103 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
   # Re-encoded responses rarely exceed the generated tokens; a fixed width keeps one compiled shape.
   response_width = _round_up(max_new_tokens + 1)
 
-  def rank_batch(lora, ids_bt, mask_bt, exclude_bi):
-    texts = generate_responses(config, base, tokenizer, lora, ids_bt, mask_bt, num_beams=num_beams,
-                               max_new_tokens=max_new_tokens)
-    return ground(config, base, tokenizer, texts, item_emb, prep.titles, exclude_bi, max(ks), width=response_width)[0]
+  def ranker(lora):
+    def rank(ids_bt, mask_bt, exclude_bi):
+      texts = generate_responses(config, base, tokenizer, lora, ids_bt, mask_bt, num_beams=num_beams,
+                                 max_new_tokens=max_new_tokens)
+      return ground(config, base, tokenizer, texts, item_emb, prep.titles, exclude_bi, max(ks), width=response_width)[0]
+    return rank
 
   return _evaluate(config, tokenizer, lora_c, prep, part, ks=ks, batch_size=batch_size, max_users=max_users,
-                   max_prompt_len=config.max_positions - max_new_tokens, rank_batch=rank_batch)
+                   max_prompt_len=config.max_positions - max_new_tokens, ranker=ranker)
 
 
 # ----------------------------------------------------------------------------- discriminative
 
-@jax.jit
-def score_items(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
-  """`[B, I]` cosine similarities `user · item / (|user| |item|)`, RecFormer's score (training divides it
-  by a temperature; the ranking does not depend on it)."""
-  return client.cosine_scores(user_bd, items_id)
+score_items = jax.jit(client.item_scores, static_argnames="score")  # [B, I]; training divides by a temperature
+
+
+def client_item_vectors(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, lora: tfm.Params | None,
+                        titles: Sequence[str], item_emb: np.ndarray, item_side: str) -> np.ndarray:
+  """`[I, D]` one client's item vectors: its trained table or low-rank correction of `item_emb`
+  (`item_side="table"`), its titles re-encoded under its adapters ("encoder"), or the base-model title
+  embeddings `item_emb` ("frozen")."""
+  if item_side == "table":
+    return np.asarray(client.item_vectors({"items": {"table_id": jnp.asarray(item_emb)}}, lora))
+  if item_side == "encoder":
+    return embed_texts(dataclasses.replace(config, causal=False), base, tokenizer, titles, lora=lora)
+  return item_emb
 
 
 def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,
                             lora_c: tfm.Params | None, prep: PreparedData, part: str, *,
                             ks: Sequence[int] = metrics.DEFAULT_KS, batch_size: int = 64,
-                            max_users: int | None = None, item_emb: np.ndarray | None = None) -> dict:
-  """Scores every item for each user: client-adapted `text_representations` of the prompt · base-model
-  item embeddings; excluded items masked. Arguments and result as `evaluate_generative`."""
+                            max_users: int | None = None, item_emb: np.ndarray | None = None,
+                            item_side: str = "frozen", item_tokens: bool = False, score: str = "cosine") -> dict:
+  """Scores every item for each user: `client.item_scores` (`score`: cosine or dot) of the client-adapted
+  `text_representations` of the user's input (the prompt's tokens, or with `item_tokens` the history's items
+  embedded with the base-model title embeddings, run causally: `config.causal`) and the client's item
+  vectors (`client_item_vectors`); excluded items masked. Arguments and result as `evaluate_generative`."""
   if item_emb is None:
-    item_emb = item_embeddings(config, base, tokenizer, prep.titles)
-  items_id = jnp.asarray(item_emb)
+    item_emb = item_embeddings(dataclasses.replace(config, causal=False), base, tokenizer, prep.titles)
   k = min(max(ks), item_emb.shape[0])
 
-  def rank_batch(lora, ids_bt, mask_bt, exclude_bi):
-    scores_bi = score_items(text_representations(config, base, ids_bt, mask_bt, lora), items_id)
-    return np.asarray(metrics.top_k(scores_bi, exclude_bi, k)[0])
+  def ranker(lora):
+    items_id = jnp.asarray(client_item_vectors(config, base, tokenizer, lora, prep.titles, item_emb, item_side))
+    params = tfm.item_token_params(base, jnp.asarray(item_emb)) if item_tokens else base
+
+    def rank(ids_bt, mask_bt, exclude_bi):
+      scores_bi = score_items(text_representations(config, params, ids_bt, mask_bt, lora), items_id, score)
+      return np.asarray(metrics.top_k(scores_bi, exclude_bi, k)[0])
+    return rank
 
   return _evaluate(config, tokenizer, lora_c, prep, part, ks=ks, batch_size=batch_size, max_users=max_users,
-                   max_prompt_len=config.max_positions, rank_batch=rank_batch)
+                   max_prompt_len=config.max_positions, ranker=ranker, item_inputs=item_tokens)
 
 
 # ----------------------------------------------------------------------------- floors
 
-def popularity_baseline(prep: PreparedData, part: str, ks: Sequence[int] = metrics.DEFAULT_KS, *,
-                        max_users: int | None = None) -> dict:
-  """Most-popular items (training interaction counts over all users) with the same exclusions; the
-  floor every LLM strategy should clear. Result as `evaluate_generative`."""
-  pop = metrics.popularity(prep.split.train, len(prep.titles))
-  k = min(max(ks), len(prep.titles))
+def score_baseline(prep: PreparedData, part: str, score: baselines.ScoreFn,
+                   ks: Sequence[int] = metrics.DEFAULT_KS, *, max_users: int | None = None) -> dict:
+  """Ranks each client's evaluated users (the same users, targets and `excluded_items` as the LLM
+  evaluation) by `score(users [U], histories) -> [U, I]` (histories: `baselines.eval_histories`).
+  Result as `evaluate_generative`."""
+  num_items = len(prep.titles)
+  k = min(max(ks), num_items)
   per_client = []
   for windows, targets, excluded in _all_clients(prep, part, max_users):
     if not len(windows):
       per_client.append({})
       continue
-    exclude_ui = metrics.exclusion_mask(excluded, len(prep.titles))
-    ranked, _ = metrics.top_k(np.broadcast_to(pop, exclude_ui.shape), exclude_ui, k)
+    exclude_ui = metrics.exclusion_mask(excluded, num_items)
+    scores_ui = score(windows.user, baselines.eval_histories(prep.split, windows.user, part))
+    ranked, _ = metrics.top_k(scores_ui, exclude_ui, k)
     per_client.append(metrics.user_metrics(np.asarray(ranked), targets, ks))
   return metrics.summarize(per_client)
+
+
+def popularity_baseline(prep: PreparedData, part: str, ks: Sequence[int] = metrics.DEFAULT_KS, *,
+                        max_users: int | None = None) -> dict:
+  """Most-popular items (training interaction counts over all users) with the same exclusions; the
+  floor every LLM strategy should clear. Result as `evaluate_generative`."""
+  return score_baseline(prep, part, baselines.most_popular(prep.split.train, len(prep.titles)), ks,
+                        max_users=max_users)
+
+
+def reference_rows(prep: PreparedData, part: str, names: Sequence[str] = baselines.NAMES,
+                   ks: Sequence[int] = metrics.DEFAULT_KS, *, max_users: int | None = None, seed: int = 0,
+                   **fit_kwargs) -> dict[str, dict]:
+  """DESIGN.md §6's conventional reference rows: most-popular (always) and the other `names` of
+  `baselines.NAMES`, fitted on `prep.split.train` (`baselines.fit_baselines(..., seed=seed,
+  **fit_kwargs)`: item-kNN's k and SASRec's epochs chosen on "valid") and scored by `score_baseline`.
+
+  Returns:
+    `{name: evaluate_generative-style result | {"fit": facts about the fit (chosen k, epochs, seconds)}}`.
+  """
+  names = ("most_popular",) + tuple(n for n in names if n != "most_popular")
+  fitted = baselines.fit_baselines(prep.split, len(prep.titles), names, seed=seed, **fit_kwargs)
+  return {name: score_baseline(prep, part, f.score, ks, max_users=max_users) | {"fit": f.info}
+          for name, f in fitted.items()}
 
 
 def random_baseline(prep: PreparedData, part: str, ks: Sequence[int] = metrics.DEFAULT_KS, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -108,11 +109,52 @@ def task_examples(cfg: RunConfig, config, tokenizer, prep) -> tuple[list, list]:
     kwargs = dict(cutoff=cfg.cutoff_len)
     return (pipeline.generative_clients(prep, tokenizer, train_on_inputs=cfg.train_on_inputs, **kwargs),
             pipeline.heldout_clients(prep, tokenizer, "valid", max_users=cfg.max_eval_users, **kwargs))
+  if cfg.disc_input == "items":
+    return (pipeline.item_sequence_clients(prep, cfg.history_len),
+            pipeline.heldout_item_clients(prep, "valid", cfg.max_eval_users))
   noun = prep.dataset.item_noun
   train = [prep.client_windows(c) for c in range(prep.num_clients)]
   return (_prompt_examples(cfg, config, tokenizer, train, prep.titles, noun),
           _prompt_examples(cfg, config, tokenizer, pipeline.heldout_windows(prep, "valid", cfg.max_eval_users),
                            prep.titles, noun))
+
+
+def task_config(cfg: RunConfig, config: models.ModelConfig) -> models.ModelConfig:
+  """The model configuration the task runs: item-as-token sequences run the encoder causally, so every
+  position of a training sequence is an example (`--disc_input=items`)."""
+  return dataclasses.replace(config, causal=cfg.task == "discriminative" and cfg.disc_input == "items")
+
+
+def item_state(cfg: RunConfig, config: models.ModelConfig, tokenizer, titles, item_emb: np.ndarray) -> dict:
+  """The frozen item data the clients share, as `base["items"]` (see `client.LocalSpec`): the title
+  embeddings as item-as-token inputs, and as scores' item vectors (frozen) or the titles' tokens to
+  re-encode (encoder); a trainable table lives with the adapters instead."""
+  items = {"input_id": np.asarray(item_emb, np.float32)} if cfg.disc_input == "items" else {}
+  if cfg.item_side == "frozen" or (cfg.item_side == "table" and cfg.item_table_rank):
+    items["table_id"] = np.asarray(item_emb, np.float32)
+  if cfg.item_side == "encoder":
+    rows = evaluation.text_rows(config, tokenizer, titles, config.max_positions)
+    items["title_ids"], items["title_mask"] = pad_rows(rows, tokenizer.pad_id, "left" if config.left_padded else "right")
+  return {"items": items} if items else {}
+
+
+def cache_client_heads(cfg: RunConfig, config: models.ModelConfig, base, examples: list, cuts: list,
+                       batch_size: int = 128) -> list:
+  """`--cache_head`: each client's head activations `[N, T, D]` (embeddings and blocks [0, k) without
+  adapters, on frozen item inputs) computed once, as `examples[c].head_act`; every epoch reuses them."""
+  @functools.partial(jax.jit, static_argnums=0)
+  def head_act(k, ids, mask):
+    head = models.split(config, base, k)[0]
+    return models.client_head(config, models.item_token_params(head, base["items"]["input_id"]), ids, mask)
+
+  out = []
+  for ex, k in zip(examples, cuts):
+    acts = [np.asarray(head_act(k, ex.input_ids[i:i + batch_size], ex.attention_mask[i:i + batch_size]))
+            for i in range(0, len(ex), batch_size)]
+    out.append(dataclasses.replace(ex, head_act=np.concatenate(acts) if acts else
+                                   np.zeros((0, ex.seq_len, config.hidden_size), np.float32)))
+  logging.info("--cache_head: client head activations cached once, %.1f MB", sum(e.head_act.nbytes for e in out) / 2**20)
+  return out
 
 
 def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | None = None) -> engine_lib.Engine:
@@ -133,9 +175,25 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
   if cfg.task == "discriminative":
     if item_emb is None:
       item_emb = evaluation.item_embeddings(config, base, tokenizer, prep.titles)
-    task = dict(loss_fn=client.discriminative_loss(config, jax.numpy.asarray(item_emb), cfg.disc_temperature),
-                hidden=True)
-  return engine_lib.Engine(cfg, config, base, train_examples, valid_examples, strategy, mesh, cuts, **task)
+    base = base | item_state(cfg, config, tokenizer, prep.titles, item_emb)
+    if cfg.cache_head:
+      train_examples = cache_client_heads(cfg, task_config(cfg, config), base, train_examples, cuts)
+    task = dict(loss_fn=client.discriminative_loss(task_config(cfg, config), cfg.disc_temperature, cfg.disc_score),
+                hidden=True, frozen_head=cfg.cache_head,
+                item_side=cfg.item_side, item_tokens=cfg.disc_input == "items",
+                item_table=item_emb if cfg.item_side == "table" else None)
+    if cfg.selection_metric != "loss":
+      task["valid_metric"] = functools.partial(validation_metric, cfg, model, train_prep, item_emb)
+  return engine_lib.Engine(cfg, task_config(cfg, config), base, train_examples, valid_examples, strategy, mesh, cuts,
+                           **task)
+
+
+def validation_metric(cfg: RunConfig, model, prep, item_emb: np.ndarray, lora_c) -> np.ndarray:
+  """`[C]` each client's `--select_by` metric on its validation users (0 for a client without any)."""
+  name, k = cfg.selection_metric.split("@")
+  result = evaluate(dataclasses.replace(cfg, metric_ks=(int(k),)), model, sharding.to_host(lora_c), prep, "valid",
+                    item_emb)
+  return np.asarray([c.get(cfg.selection_metric, 0.0) for c in result["clients"]])
 
 
 # ----------------------------------------------------------------------------- evaluation and results
@@ -146,7 +204,9 @@ def evaluate(cfg: RunConfig, model, lora_c, prep, part: str, item_emb: np.ndarra
   if cfg.task == "generative":
     return evaluation.evaluate_generative(config, base, tokenizer, lora_c, prep, part, num_beams=cfg.num_beams,
                                           max_new_tokens=cfg.max_new_tokens, **kwargs)
-  return evaluation.evaluate_discriminative(config, base, tokenizer, lora_c, prep, part, **kwargs)
+  return evaluation.evaluate_discriminative(task_config(cfg, config), base, tokenizer, lora_c, prep, part,
+                                            item_side=cfg.item_side, item_tokens=cfg.disc_input == "items",
+                                            score=cfg.disc_score, **kwargs)
 
 
 def with_primary_balance(result: dict, metric: str = "ndcg@10") -> dict:
@@ -156,18 +216,19 @@ def with_primary_balance(result: dict, metric: str = "ndcg@10") -> dict:
   return dict(result, balance={"metric": primary, **per_metric[primary], "per_metric": per_metric})
 
 
-def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb: np.ndarray) -> dict[str, Any]:
-  """Trains one strategy, evaluates each client's best adapter on its test users, writes results.json."""
+def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb: np.ndarray,
+                 references: dict[str, dict]) -> dict[str, Any]:
+  """Trains one strategy, evaluates each client's best adapter on its test users, writes results.json
+  (with the conventional `references` rows of `reference_rows`)."""
   config, base, _ = model
   eng = build_engine(cfg, name, prep, model, item_emb)
   workdir.mkdir(parents=True, exist_ok=True)
   writer = report.ScalarWriter(workdir / "tensorboard")
 
   def on_round(log):
-    valid = log.get("valid", {}).get("mean_loss")
+    valid = ", ".join(f"valid {k[5:]} {v:.4f}" for k, v in log.get("valid", {}).items() if k.startswith("mean_"))
     logging.info("[%s] round %d: train loss %s%s, %.1fs", name, log["round"],
-                 np.round(log["train_loss"], 3).tolist(), "" if valid is None else f", valid loss {valid:.4f}",
-                 log["seconds"])
+                 np.round(log["train_loss"], 3).tolist(), valid and ", " + valid, log["seconds"])
     with open(workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(log) + "\n")
     writer.round(log)
@@ -184,7 +245,9 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   held = ({"client_params": resources.count(base), "server_params": 0} if eng.cuts[0] is None
           else resources.param_split(config, base, eng.cuts[0]))
   usage = {"client_params": held["client_params"], "server_params": held["server_params"],
-           "adapter_params_per_client": resources.count(best) // prep.num_clients,
+           "adapter_params_per_client": resources.count(best["blocks"]) // prep.num_clients,
+           # client-side state, uploaded for aggregation like the adapters (--item_side=table)
+           "item_table_params_per_client": resources.count(best.get("items", {})) // prep.num_clients,
            "bytes_up": float(sum(log["bytes_up"] for log in history)),
            "bytes_down": float(sum(log["bytes_down"] for log in history)),
            "seconds_per_round": statistics.median(seconds[1:] or seconds)}
@@ -193,7 +256,8 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
                                        base=base, micro_per_round=eng.micro_per_round, server_lora=cfg.server_lora)
                       for k in sorted(set(eng.cuts))]
   results = {"config": dataclasses.asdict(cfg), "strategy": name, "rounds": history, "test": test,
-             "resources": usage}
+             "resources": usage, "baselines": {n: r["overall"] for n, r in references.items()},
+             "baselines_fit": {n: r["fit"] for n, r in references.items()}}
   if cfg.dp_clip is not None:
     results["dp"] = dp_summary(cfg, rounds=len(history), num_clients=eng.num_clients)
     logging.info("[%s] DP: epsilon %.3g at delta %.2g after %d rounds", name, results["dp"]["epsilon"],
@@ -221,12 +285,21 @@ def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
   (workdir / "data_stats.json").write_text(json.dumps(stats, indent=1))
   model = load_model(cfg, list(prep.titles))
   item_emb = evaluation.item_embeddings(model[0], model[1], model[2], prep.titles)
+  references = reference_rows(cfg, prep)
   out = {}
   for name in cfg.strategies:
     sub = workdir if len(cfg.strategies) == 1 else workdir / name
-    out[name] = run_strategy(cfg, name, prep, model, sub, item_emb)
+    out[name] = run_strategy(cfg, name, prep, model, sub, item_emb, references)
   if len(cfg.strategies) > 1:
-    floor = with_primary_balance(evaluation.popularity_baseline(prep, "test", cfg.metric_ks,
-                                                                max_users=cfg.max_eval_users))
-    report.write_comparison(workdir, out, floor)
+    report.write_comparison(workdir, out, references)
   return out
+
+
+def reference_rows(cfg: RunConfig, prep) -> dict[str, dict]:
+  """Most-popular and the `--baselines` rows (item-kNN, SASRec), trained centrally on the same split and
+  ranked for the same test users with the same exclusions, each `with_primary_balance`d."""
+  rows = evaluation.reference_rows(prep, "test", cfg.baselines, cfg.metric_ks, max_users=cfg.max_eval_users,
+                                   seed=cfg.seed, log=lambda msg: logging.info("baselines: %s", msg))
+  for name, row in rows.items():
+    logging.info("baseline %s: test %s", name, {m: round(v, 4) for m, v in row["overall"].items()})
+  return {name: with_primary_balance(row) for name, row in rows.items()}

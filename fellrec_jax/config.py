@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
+BASELINES = ("item_knn", "sasrec")  # conventional reference rows; most-popular is always computed
 MODES = ("train", "prepare", "resources", "attack")
 
 
@@ -44,6 +45,11 @@ class RunConfig:
   model: str = "tiny-llama"
   task: str = "generative"
   disc_temperature: float = 0.05
+  disc_input: str = "text"  # "text": the BIGRec prompt's tokens; "items": item-as-token sequences
+  item_side: str = "frozen"  # discriminative item vectors: "frozen", "table" (trained) or "encoder"
+  item_table_rank: int = 0  # item_side=table: 0 trains the whole table, r > 0 a rank-r correction of it
+  disc_score: str = "cosine"  # "cosine" (RecFormer) or "dot"
+  cache_head: bool = False  # item inputs: the client head has no adapters; its activations computed once
   dtype: str = "float32"
   remat: bool = False
   warm_start_steps: int = 300
@@ -81,10 +87,12 @@ class RunConfig:
   fedprox_mu: float = 0.01
   # evaluation and the loop
   eval_every: int = 1
+  select_by: str | None = None  # "loss" or a metric such as "ndcg@10"; None: ndcg@10 for discriminative
   checkpoint_every: int = 1
   patience: int | None = None
   eval_batch_size: int = 32
   metric_ks: tuple[int, ...] = (5, 10, 20)
+  baselines: tuple[str, ...] = BASELINES
   num_beams: int = 4
   max_new_tokens: int = 32
   profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
@@ -144,6 +152,27 @@ class RunConfig:
     need(self.mesh_model >= 1, "mesh_model", "must be >= 1")
     need(self.task in ("generative", "discriminative"), "task", "expected 'generative' or 'discriminative'")
     need(self.disc_temperature > 0, "disc_temperature", "must be > 0")
+    need(self.disc_input in ("text", "items"), "disc_input", "expected 'text' or 'items'")
+    need(self.item_side in ("frozen", "table", "encoder"), "item_side", "expected 'frozen', 'table' or 'encoder'")
+    need(self.item_table_rank >= 0, "item_table_rank", "must be >= 0")
+    need(self.item_table_rank == 0 or self.item_side == "table", "item_table_rank", "needs --item_side=table")
+    need(self.disc_score in ("cosine", "dot"), "disc_score", "expected 'cosine' or 'dot'")
+    need(not self.cache_head or (self.disc_input == "items" and self.task == "discriminative"), "cache_head",
+         "needs --task=discriminative --disc_input=items (frozen item inputs make the head's output constant)")
+    need(not self.cache_head or bool(self.explicit_cuts), "cache_head",
+         "needs integer --split_k: the cached part is the client head, blocks [0, k)")
+    need(self.disc_input == "text" or self.task == "discriminative", "disc_input",
+         "item-as-token inputs are for --task=discriminative")
+    need(self.disc_input == "text" or self.max_train_samples is None, "disc_input",
+         "'items' trains on every position of every training sequence; unset --max_train_samples")
+    name, _, k = (self.select_by or "loss@").partition("@")
+    need(self.select_by in (None, "loss") or (name in ("recall", "ndcg", "hr") and k.isdigit() and int(k) >= 1),
+         "select_by", "expected 'loss' or recall@K / ndcg@K / hr@K")
+    need(self.selection_metric == "loss" or self.task == "discriminative", "select_by",
+         "ranking-metric selection needs --task=discriminative (generative validation would generate every round)")
+    for b in self.baselines:
+      need(b in BASELINES, "baselines", f"unknown baseline {b!r}; expected a subset of {BASELINES} (most-popular "
+           "is always there)")
     need(len(self.metric_ks) > 0 and min(self.metric_ks) >= 1, "metric_ks", "give cut-offs >= 1")
     need(all(0 <= r < self.rounds for r in self.profile_rounds), "profile_rounds",
          f"give 0-based rounds in [0, --rounds={self.rounds})")
@@ -151,6 +180,14 @@ class RunConfig:
     need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
+
+  @property
+  def selection_metric(self) -> str:
+    """What picks each client's best adapter: "loss", or a validation metric (default ndcg@10 when
+    discriminative, as the released RecFormer selects on a dev ranking metric)."""
+    if self.select_by is not None:
+      return self.select_by
+    return "ndcg@10" if self.task == "discriminative" else "loss"
 
   @property
   def auto_split(self) -> bool:

@@ -52,9 +52,15 @@ def client_table(result: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def comparison_table(results: Mapping[str, Mapping[str, Any]], floor: Mapping[str, Any]) -> str:
-  """Overall metrics and client balance (std, min, cv of the primary metric) per strategy, plus the floor."""
-  rows = {**{name: r["test"] for name, r in results.items()}, "most-popular (floor)": floor}
+REFERENCE_NAMES = {"most_popular": "most-popular", "item_knn": "item-kNN", "sasrec": "SASRec"}
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]]) -> str:
+  """Overall metrics and client balance (std, min, cv of the primary metric) per strategy, then the
+  conventional reference rows (most-popular, item-kNN, SASRec) on the same split, users and masking."""
+  rows = {**{name: r["test"] for name, r in results.items()},
+          **{f"{REFERENCE_NAMES.get(n, n)} (reference)": ref for n, ref in references.items()}}
+  floor = references["most_popular"]
   names = _metrics(floor)
   primary = floor["balance"]["metric"]
   header = ["strategy", *names, f"{primary} std", f"{primary} min", f"{primary} cv"]
@@ -66,9 +72,10 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]], floor: Mapping[st
   return "\n".join(lines)
 
 
-def write_comparison(workdir: Path, results: Mapping[str, Mapping[str, Any]], floor: Mapping[str, Any]) -> None:
+def write_comparison(workdir: Path, results: Mapping[str, Mapping[str, Any]],
+                     references: Mapping[str, Mapping[str, Any]]) -> None:
   """`comparison.md` (tables) and `comparison.png` (per-client bars and validation curves)."""
-  text = ["# Strategy comparison", "", comparison_table(results, floor), ""]
+  text = ["# Strategy comparison", "", comparison_table(results, references), ""]
   for name, r in results.items():
     text += [f"## {name}", "", client_table(r["test"]), ""]
   (workdir / "comparison.md").write_text("\n".join(text))
@@ -76,16 +83,16 @@ def write_comparison(workdir: Path, results: Mapping[str, Mapping[str, Any]], fl
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  primary = floor["balance"]["metric"]
+  primary = references["most_popular"]["balance"]["metric"]
   fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
-  names = list(results)
-  num_clients = len(floor["clients"])
-  width = 0.8 / (len(names) + 1)
-  for i, name in enumerate([*names, "most-popular"]):
-    test = floor if name == "most-popular" else results[name]["test"]
-    bars.bar(np.arange(num_clients) + i * width, [c[primary] for c in test["clients"]], width, label=name)
+  bar_rows = {**{name: r["test"] for name, r in results.items()},
+              **{REFERENCE_NAMES.get(n, n): ref for n, ref in references.items()}}
+  num_clients = len(references["most_popular"]["clients"])
+  width = 0.8 / len(bar_rows)
+  for i, (name, test) in enumerate(bar_rows.items()):
+    bars.bar(np.arange(num_clients) + i * width, [c.get(primary, 0.0) for c in test["clients"]], width, label=name)
   bars.set(xlabel="client", ylabel=f"test {primary}", title="per-client test metric")
-  bars.set_xticks(np.arange(num_clients) + width * len(names) / 2, [str(c) for c in range(num_clients)])
+  bars.set_xticks(np.arange(num_clients) + width * (len(bar_rows) - 1) / 2, [str(c) for c in range(num_clients)])
   bars.legend(fontsize=8)
   for name, r in results.items():
     points = [(log["round"], log["valid"]["mean_loss"]) for log in r["rounds"] if "valid" in log]

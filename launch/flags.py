@@ -39,6 +39,25 @@ HELP = {
     "task": "generative: BIGRec (generate a title, ground it to items); discriminative: score every item "
             "(the default for encoders).",
     "disc_temperature": "Softmax temperature of discriminative training (user . item / T).",
+    "disc_input": "Discriminative inputs: text (the BIGRec prompt's tokens) or items (item-as-token: each "
+                  "history item one position carrying its item vector; the encoder runs causally and every "
+                  "position of every training sequence predicts its next item).",
+    "item_side": "Discriminative item vectors: frozen (base-model title embeddings), table (a per-client "
+                 "trainable table initialised from them, trained and aggregated like the adapters, so it is "
+                 "uploaded each round) or encoder (titles re-encoded under the client's adapters each round, "
+                 "as RecFormer).",
+    "item_table_rank": "--item_side=table: 0 trains the whole [items, d] table; r > 0 trains a rank-r "
+                       "correction u @ v of the frozen title embeddings (far fewer parameters per rare item).",
+    "disc_score": "Discriminative score of a user state and an item vector: cosine (RecFormer) or dot (SASRec; "
+                  "vector norms can carry popularity); divided by --disc_temperature in the loss.",
+    "cache_head": "With --disc_input=items and --split_k: the client head (blocks [0, k)) gets no adapters, so "
+                  "on the frozen item inputs its activations are computed once per run and reused every epoch; "
+                  "training runs only blocks [k, L).",
+    "select_by": "Each client's best adapter (and --patience): loss, or a validation metric such as ndcg@10; "
+                 "default ndcg@10 for --task=discriminative, loss for generative.",
+    "baselines": "Comma list of conventional reference rows trained centrally on the same split and evaluated "
+                 "on the same users and masking, in results.json['baselines'] and comparison.md: item_knn, sasrec "
+                 "(most-popular is always there); empty for none.",
     "metric_ks": "Comma list of cut-offs K for recall@K, ndcg@K, hr@K.",
     "num_beams": "Beams for generative evaluation (BIGRec used 4).",
     "max_new_tokens": "Maximum generated tokens per response in generative evaluation.",
@@ -79,7 +98,7 @@ HELP = {
     "eval_every": "Validate every this many rounds.",
     "checkpoint_every": "Checkpoint every this many rounds (and after the last round or an early stop); a "
                         "resumed run redoes the rounds after its last checkpoint, identically.",
-    "patience": "Stop after this many validations without improvement of the mean validation loss.",
+    "patience": "Stop after this many validations without improvement of the mean --select_by criterion.",
     "eval_batch_size": "Batch size for validation and test.",
     "profile_rounds": "Comma list of 0-based rounds to trace with jax.profiler into the run's profile/ folder "
                       "(<workdir>/profile, or <workdir>/<strategy>/profile with several strategies; view "
@@ -92,7 +111,11 @@ ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_
          "split": ("temporal", "loo"), "partition": ("kmeans", "random", "dirichlet", "mapping"),
          "client_execution": ("vmap", "sequential"), "server_lora": ("per_client", "frozen"),
          "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative"),
-         "dp_accountant": ("rdp", "pld"), "fellrec_similarity": ("params", "update")}
+         "dp_accountant": ("rdp", "pld"), "fellrec_similarity": ("params", "update"),
+         "disc_input": ("text", "items"), "item_side": ("frozen", "table", "encoder"),
+         "item_table_rank": "--item_side=table: 0 trains the whole [items, d] table; r > 0 trains a rank-r "
+                       "correction u @ v of the frozen title embeddings (far fewer parameters per rare item).",
+    "disc_score": ("cosine", "dot")}
 
 
 def _base_type(annotation):

@@ -5,5 +5,5 @@ from models.loading import PRESETS, load, load_gguf, load_hf_dir
 from models.lora import init_lora, merge_lora
 from models.split import client_head, client_tail, server_body, split
 from models.tokenizer import Tokenizer
-from models.transformer import Params, apply, init_params, mean_pool
+from models.transformer import Params, apply, init_params, item_token_params, mean_pool, sequence_representation
 from models.decoding import beam_search, greedy

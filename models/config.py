@@ -65,6 +65,7 @@ class ModelConfig:
   eos_id: int | None = None
   pad_id: int = 0
   lora: LoraConfig | None = None
+  causal: bool = False  # an encoder run with a causal mask (item-as-token sequences: every position trains)
 
   def __post_init__(self):
     if self.arch not in ("llama", "bert"):
@@ -77,6 +78,11 @@ class ModelConfig:
   @property
   def is_decoder(self) -> bool:
     return self.arch == "llama"
+
+  @property
+  def left_padded(self) -> bool:
+    """Inputs end at the last column (decoders, causal encoders), so position T-1 represents the sequence."""
+    return self.is_decoder or self.causal
 
   @property
   def dtype(self):

@@ -111,9 +111,10 @@ def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
 
 
 def self_attention_mask(config: ModelConfig, attention_mask_bt: jax.Array) -> jax.Array:
-  """Boolean `[B, 1, T, T]`: keys that are real tokens, and not in the future for decoders."""
+  """Boolean `[B, 1, T, T]`: keys that are real tokens, and not in the future for decoders (and causal
+  encoders)."""
   valid = attention_mask_bt.astype(bool)[:, None, None, :]
-  if not config.is_decoder:
+  if not config.left_padded:
     return valid
   t = attention_mask_bt.shape[-1]
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
@@ -228,6 +229,12 @@ def outputs(config: ModelConfig, params: Params, x_btd: jax.Array, *, hidden: bo
   return lm_head(config, params, x)
 
 
+def item_token_params(params: Params, items_id: jax.Array) -> Params:
+  """`params` whose token table is the catalogue's item vectors `[I, D]`: item-as-token inputs, one
+  position per history item (UniSRec / LLM2Rec style) instead of ~15 tokens per title."""
+  return dict(params, embed=dict(params["embed"], table_vd=items_id))
+
+
 def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
   """Sentence embedding `[B, D]`: the mean over real tokens (sentence-transformers pooling)."""
   m = attention_mask_bt.astype(hidden_btd.dtype)[..., None]
@@ -248,6 +255,15 @@ def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attentio
   x = run_blocks(config, params["blocks"], x, attention_mask_bt,
                  lora_blocks=None if lora is None else lora["blocks"], rng=rng)
   return outputs(config, params, x, hidden=hidden, logits_at=logits_at)
+
+
+def sequence_representation(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,
+                            lora: Params | None = None) -> jax.Array:
+  """`[B, D]` float32: the final-norm hidden state of the last column (decoders and causal encoders, inputs
+  left-padded) or the mean over real tokens of the last hidden states (encoders, right-padded)."""
+  x_btd = apply(config, params, input_ids_bt, attention_mask_bt, lora=lora, hidden=True)
+  rep_bd = x_btd[:, -1] if config.left_padded else mean_pool(x_btd, attention_mask_bt)
+  return rep_bd.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- initialisation

@@ -152,11 +152,13 @@ def test_vmapped_clients_equal_sequential_loop_and_groups():
   rngs = jax.random.split(jax.random.key(5), C)
   vm = jax.jit(client.over_clients(update, "vmap"))(base, lora_c, opt_c, batches, rngs)
   grouped = jax.jit(client.over_clients(update, "vmap", group_size=2))(base, lora_c, opt_c, batches, rngs)
+  # one client at a time runs the unbatched update: its all-padding steps are skipped by a real branch
+  single = jax.jit(client.over_clients(update, "vmap", group_size=1))(base, lora_c, opt_c, batches, rngs)
   fresh = lambda tree: jax.tree.map(jnp.copy, tree)
   donated = jax.jit(client.over_clients(update, "vmap", group_size=5, shards=3), donate_argnums=(1, 2))(
       base, fresh(lora_c), fresh(opt_c), batches, rngs)  # 3 shards of 1 client; updated in place
   seq = client.over_clients(update, "sequential")(base, lora_c, opt_c, batches, rngs)
-  for other in (seq, grouped, donated):  # groups of 2: a full group, then a remainder of 1
+  for other in (seq, grouped, single, donated):  # groups of 2: a full group, then a remainder of 1
     for g, r in zip(jax.tree.leaves(other), jax.tree.leaves(vm)):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
   # the last client's padded final step neither trains nor sends anything

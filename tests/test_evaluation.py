@@ -1,5 +1,7 @@
 """Generative (BIGRec grounding) and discriminative evaluation on a tiny synthetic setup."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -132,3 +134,43 @@ def test_encoder_discriminative(setup):
   lora_c = jax.tree.map(lambda x: np.stack([x] * C), models.init_lora(config, base, jax.random.key(0)))
   result = ev.evaluate_discriminative(config, base, tokenizer, lora_c, prep, "test", ks=(5, 10), max_users=3)
   assert [c["test_users"] for c in result["clients"]] == [3, 3]
+
+
+def _oracle_rankers(prep, part):
+  """Rankers that know each evaluated user's targets from the user's history row: an oracle that ranks them
+  first, and its reverse that ranks them after every other candidate."""
+  target_of = {}
+  for c in range(C):
+    windows, targets = prep.eval_examples(c, part)
+    for h, m, t in zip(windows.history, windows.history_mask, targets):
+      target_of[tuple(h[m > 0])] = t
+
+  def ranker(reverse):
+    def rank(ids_bt, mask_bt, exclude_bi):
+      scores = np.zeros(exclude_bi.shape)
+      for b, (ids, mask) in enumerate(zip(ids_bt, mask_bt)):
+        scores[b, target_of[tuple(ids[mask > 0])]] = -1.0 if reverse else 1.0  # all of the user's targets
+      ranked, _ = metrics.top_k(scores, exclude_bi, exclude_bi.shape[1])
+      return np.asarray(ranked)
+    return lambda lora: rank
+  return ranker
+
+
+@pytest.mark.parametrize("part", ["valid", "test"])
+def test_discriminative_evaluation_oracle_and_reversed_controls(setup, part):
+  """Positive control: scores that put each user's targets first give recall = hr = ndcg = 1 through the
+  evaluation's batching, padding and exclusions (recall at K >= the most targets of a user). Negative
+  control: the same scores reversed give 0 at every K below the number of other candidates."""
+  prep, config = setup[0], dataclasses.replace(setup[1], causal=True)
+  ranker = _oracle_rankers(prep, part)
+  run = lambda reverse: ev._evaluate(config, setup[3], None, prep, part, ks=(1, 5, 10), batch_size=4,
+                                     max_users=None, max_prompt_len=64, ranker=ranker(reverse), item_inputs=True)
+  best, worst = run(False)["overall"], run(True)["overall"]
+  targets = prep.split.valid_targets if part == "valid" else prep.split.test_targets
+  assert max(len(targets[u]) for u in range(len(targets))) <= 5 < len(prep.titles) - 20  # so K=5, 10 can be exact
+  assert all(best[m] == 1.0 for m in metrics.metric_names((1, 5, 10)) if m != "recall@1")
+  assert all(worst[m] == 0.0 for m in metrics.metric_names((1, 5, 10)))
+  # the same controls through the reference-row path (score(users, histories) -> [U, I])
+  oracle = lambda users, _: np.stack([np.isin(np.arange(len(prep.titles)), targets[u]) for u in users]).astype(float)
+  assert ev.score_baseline(prep, part, oracle, (1, 10))["overall"]["ndcg@10"] == 1.0
+  assert ev.score_baseline(prep, part, lambda u, h: -oracle(u, h), (1, 10))["overall"]["hr@10"] == 0.0

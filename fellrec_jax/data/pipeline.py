@@ -19,9 +19,11 @@ Generative batch (`TokenizedExamples`), right-padded, T fixed for a run:
                                   so the head runs at R positions rather than T.
   target_mask    [C, B, R] int32  1 on real entries of target_index
   example_mask   [C, B]    int32  1 on real examples
-Discriminative batch (`IdExamples`):
-  history [C, B, H] int32 (left-padded with 0, most recent last), history_mask [C, B, H] int32,
-  target [C, B] int32, example_mask [C, B] int32.
+Discriminative prompt batch (`PromptExamples`): input_ids, attention_mask [C, B, T], target [C, B],
+  example_mask [C, B].
+Item-as-token batch (`ItemSequences`): input_ids (item ids, left-padded with 0, most recent last),
+  attention_mask [C, B, T], target [C, B, T] (the next item at each position) or [C, B] (held out: the
+  item after the last column), example_mask [C, B].
 """
 
 from __future__ import annotations
@@ -119,22 +121,63 @@ class TokenizedExamples:
 
 
 @dataclasses.dataclass(frozen=True)
-class IdExamples:
-  """One client's discriminative examples: history [N, H], history_mask [N, H], target [N]."""
+class ItemSequences:
+  """One client's item-as-token examples (`--disc_input=items`): rows of item ids, each position one item.
 
-  history: np.ndarray
-  history_mask: np.ndarray
+  Attributes:
+    input_ids: [N, T] int32 item ids, LEFT-padded with 0 (the most recent item in column T-1).
+    attention_mask: [N, T] int32, 1 on real items.
+    target: [N, T] int32, the item that follows each input (0 on padding): training chunks, where every
+      position predicts its next item; or [N], the item after the last column: held-out users.
+    head_act: optional [N, T, D] float32, the client head's activations of each row, computed once when the
+      head has no adapters (`--cache_head`).
+  """
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
   target: np.ndarray
+  head_act: np.ndarray | None = None
 
   def __len__(self) -> int:
-    return int(self.target.shape[0])
+    return int(self.input_ids.shape[0])
+
+  @property
+  def seq_len(self) -> int:
+    return int(self.input_ids.shape[1])
 
   def gather(self, idx: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Rows `idx` zero-padded to B: input_ids, attention_mask [B, T], target [B, T] or [B], example_mask [B]
+    (and head_act [B, T, D])."""
     pad = batch_size - len(idx)
     idx = np.asarray(idx, np.int64)
     rows = lambda a: np.concatenate([a[idx], np.zeros((pad, *a.shape[1:]), a.dtype)])
-    return {"history": rows(self.history), "history_mask": rows(self.history_mask), "target": rows(self.target),
-            "example_mask": np.concatenate([np.ones(len(idx), np.int32), np.zeros(pad, np.int32)])}
+    out = {"input_ids": rows(self.input_ids), "attention_mask": rows(self.attention_mask),
+           "target": rows(self.target),
+           "example_mask": np.concatenate([np.ones(len(idx), np.int32), np.zeros(pad, np.int32)])}
+    if self.head_act is not None:
+      out["head_act"] = rows(self.head_act)
+    return out
+
+
+def sequence_chunks(sequences: Sequence[np.ndarray], seq_len: int) -> ItemSequences:
+  """Every training position exactly once: a sequence of n items has targets s[1:], each predicted from
+  the items before it; the pairs (s[j-1] -> s[j]) are cut from the most recent end into rows of `seq_len`
+  positions, left-padded, so a row's context starts at its first column (as SASRec's max_len windows)."""
+  ids, targets = [], []
+  for seq in sequences:
+    seq = np.asarray(seq, np.int32)
+    for end in range(len(seq), 1, -seq_len):
+      start = max(1, end - seq_len)
+      ids.append(seq[start - 1:end - 1])
+      targets.append(seq[start:end])
+  n = len(ids)
+  out = ItemSequences(np.zeros((n, seq_len), np.int32), np.zeros((n, seq_len), np.int32),
+                      np.zeros((n, seq_len), np.int32))
+  for r, (i, t) in enumerate(zip(ids, targets)):
+    out.input_ids[r, seq_len - len(i):] = i
+    out.attention_mask[r, seq_len - len(i):] = 1
+    out.target[r, seq_len - len(t):] = t
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +224,7 @@ class PromptExamples:
     return out
 
 
-ClientExamples = TokenizedExamples | IdExamples | PromptExamples
+ClientExamples = TokenizedExamples | ItemSequences | PromptExamples
 
 
 def tokenize_clients(records: Sequence[Sequence[dict]], tokenizer: Tokenizer, *, cutoff: int = 512,
@@ -234,9 +277,15 @@ def heldout_clients(prep: PreparedData, tokenizer: Tokenizer, part: str, *, max_
   return tokenize_clients(records, tokenizer, **kwargs)
 
 
-def discriminative_clients(prep: PreparedData) -> list[IdExamples]:
-  """Training windows per client as ids."""
-  return [IdExamples(w.history, w.history_mask, w.target) for w in map(prep.client_windows, range(prep.num_clients))]
+def item_sequence_clients(prep: PreparedData, seq_len: int) -> list[ItemSequences]:
+  """Per client, `sequence_chunks` of its users' whole training sequences (`--disc_input=items`)."""
+  return [sequence_chunks([prep.split.train[u] for u in prep.client_users(c)], seq_len)
+          for c in range(prep.num_clients)]
+
+
+def heldout_item_clients(prep: PreparedData, part: str, max_users: int | None = None) -> list[ItemSequences]:
+  """Per client, `heldout_windows` as item rows whose last column predicts the user's first target."""
+  return [ItemSequences(w.history, w.history_mask, w.target) for w in heldout_windows(prep, part, max_users)]
 
 
 def steps_per_epoch(clients: Sequence[ClientExamples], batch_size: int) -> np.ndarray:

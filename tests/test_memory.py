@@ -1,0 +1,153 @@
+"""Memory that fits: the estimated peak of a round matches a measured one, grows with the client group
+size and not with the number of clients, and a run that will not fit is refused naming the flags.
+
+The measured run is a subprocess (this file run as a script), so its `ru_maxrss` is that of one fresh
+process doing one round, not of the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+# Big enough that the round's activations and logits (hundreds of MB) dominate the ~0.4 GB baseline of
+# Python + JAX, small enough for one round in seconds on two cores.
+MEASURED = dict(num_clients=4, batch_size=16, seq_len=128, hidden=256, layers=4, vocab=8000)
+SMALL = dict(num_clients=4, batch_size=4, seq_len=32, hidden=64, layers=2, vocab=512)
+
+
+def make_engine(num_clients: int, batch_size: int, seq_len: int, hidden: int, layers: int, vocab: int, *,
+                group_size: int | None = None, split_k: int | None = None, examples_per_client: int | None = None,
+                targets: tuple[str, ...] = ("q", "v")):
+  """An engine on random token data of a random-init decoder: one micro-batch per client per round
+  (`local_epochs` is a fraction), every position a target, so the full `[B, T, V]` logits are live."""
+  import jax
+  import numpy as np
+
+  import models
+  from federated import engine as engine_lib
+  from federated import strategies
+  from fellrec_jax import sharding
+  from fellrec_jax.config import RunConfig
+  from fellrec_jax.data import pipeline
+
+  n = examples_per_client or 2 * batch_size
+  config = models.tiny_llama(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
+                             head_dim=hidden // 4, intermediate_size=2 * hidden, max_positions=max(seq_len, 64),
+                             lora=models.LoraConfig(rank=8, alpha=16, dropout=0.0, targets=targets))
+  base = models.init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def client_examples(count):
+    tokens = rng.integers(3, vocab, size=count * seq_len).astype(np.int32)
+    return pipeline.TokenizedExamples(tokens=tokens, offsets=np.arange(count + 1, dtype=np.int64) * seq_len,
+                                      loss_start=np.ones(count, np.int64), seq_len=seq_len, pad_id=0,
+                                      num_targets=seq_len - 1)
+
+  train = [client_examples(n) for _ in range(num_clients)]
+  valid = [client_examples(2) for _ in range(num_clients)]
+  cfg = RunConfig(num_clients=num_clients, batch_size=batch_size, local_epochs=batch_size / n, rounds=1,
+                  client_group_size=group_size, eval_batch_size=2, lora_dropout=0.0,
+                  split_k=None if split_k is None else (split_k,))
+  return engine_lib.Engine(cfg, config, base, train, valid, strategies.make_strategy("fedavg"),
+                           sharding.make_mesh(), [split_k] * num_clients)
+
+
+def measure(params: dict) -> dict:
+  """In this (fresh) process: the estimate, then one real round; returns both and the peak RSS."""
+  import jax
+  import numpy as np
+
+  from federated import engine as engine_lib
+  from federated import resources
+
+  eng = make_engine(**params)
+  est = resources.estimate_round_peak(eng)
+  state = eng.init_state(jax.random.key(0))
+  it = engine_lib.pipeline.iterate(eng.train_examples, batch_size=eng.cfg.batch_size,
+                                   state={"seed": 0, "epoch": 0, "step": 0})
+  participating = np.ones(eng.num_clients, bool)
+  batches = engine_lib.round_batches(it, eng.micro_per_round, eng.cfg.grad_accum, participating)
+  state, stats = eng.local_training(state, batches, jax.random.key(1))
+  jax.block_until_ready((state, stats))
+  state, _ = eng.validate(state)
+  jax.block_until_ready(state)
+  return {"estimate": est, "peak": resources.peak_rss_bytes()}
+
+
+# ----------------------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def measured_run():
+  """The measured subprocess, started first: XLA compiles on one core, so it overlaps the in-process ones."""
+  proc = subprocess.Popen([sys.executable, __file__, json.dumps(MEASURED)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  yield proc
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def small(measured_run):
+  """Small engines at (clients, group size) and their round estimates (no held-out program)."""
+  from federated import resources
+  engines = {(c, g): make_engine(**(SMALL | dict(num_clients=c)), group_size=g) for c, g in ((4, 1), (8, 1), (4, None))}
+  return {key: (eng, resources.estimate_round_peak(eng, with_heldout=False)) for key, eng in engines.items()}
+
+
+def test_peak_grows_with_group_size_not_with_clients(small):
+  one_of_4, one_of_8, four_of_4 = small[4, 1][1], small[8, 1][1], small[4, None][1]
+  assert (one_of_4["group_size"], one_of_8["group_size"], four_of_4["group_size"]) == (1, 1, 4)
+  # twice the clients, one at a time: the same scratch; only the per-client arguments grow
+  assert one_of_8["round_temp"] == pytest.approx(one_of_4["round_temp"], rel=0.1)
+  args = lambda e: e["programs"][0]["argument_bytes"]
+  # state = lora + Adam's two moments + best_lora; the round takes lora, the moments and the batches
+  per_client = lambda e: (3 * e["state"] / 4 + e["device_batches"]) / e["num_clients"]
+  assert args(one_of_8) - args(one_of_4) == pytest.approx(4 * per_client(one_of_4), rel=0.05)
+  # four clients per program: about four times the scratch
+  assert 3 * one_of_4["round_temp"] < four_of_4["round_temp"] < 5 * one_of_4["round_temp"]
+
+
+def test_a_run_that_will_not_fit_is_refused_naming_the_flags(small, caplog, monkeypatch):
+  from federated import resources
+  from fellrec_jax.config import ConfigError
+  eng, est = small[4, None]  # group size unset: all 4 clients in one program; its round is compiled already
+  growth = est["total"] - est["resident"]  # what a round adds to this process, whatever its RSS now
+  with caplog.at_level("INFO"):
+    assert resources.check_memory_fits(eng, available=10 * growth)["total"] > 0
+  assert "estimated peak memory of a round" in caplog.text
+  # room for about half the scratch: two clients per program
+  with pytest.raises(ConfigError, match=r"--client_group_size=2 .*--batch_size=4.*--cutoff_len.*--split_k"):
+    resources.check_memory_fits(eng, available=growth - est["round_temp"] // 2)
+  with pytest.raises(ConfigError, match=r"--client_group_size=1 alone is not enough"):
+    resources.check_memory_fits(eng, available=1)
+  monkeypatch.setattr(resources, "available_memory_bytes", lambda: 1)
+  with pytest.raises(ConfigError, match="--client_group_size"):
+    resources.check_memory_fits(eng)
+
+
+def test_available_memory_and_rss_are_sane():
+  import os
+  from federated import resources
+  assert 0 < resources.available_memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  assert 0 < resources.process_rss_bytes() <= resources.peak_rss_bytes() * 1.01
+
+
+def test_estimate_is_within_25_percent_of_the_measured_peak(measured_run):
+  stdout, stderr = measured_run.communicate(timeout=600)
+  assert measured_run.returncode == 0, stderr[-4000:]
+  result = json.loads(stdout.strip().splitlines()[-1])
+  est, peak = result["estimate"], result["peak"]
+  assert est["round_temp"] > est["resident"], est  # the round, not the baseline, is what is measured
+  assert abs(est["total"] - peak) / peak <= 0.25, (est["total"] / peak, est)
+
+
+if __name__ == "__main__":
+  print(json.dumps(measure(json.loads(sys.argv[1]))))
