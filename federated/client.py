@@ -44,7 +44,8 @@ class LocalSpec:
     "table": a trainable table `trainable["items"]["table_id"]`, or a trainable low-rank correction
       `trainable["items"]["u_ir"] @ ["v_rd"]` of the frozen one, trained and aggregated like the adapters;
     "encoder": the titles `base["items"]["title_ids"/"title_mask"]` re-encoded under the client's adapters
-      once per local round (RecFormer), without gradient.
+      once per local round (RecFormer), without gradient; with a split, their activations cross the cut
+      (counted by `item_encoding_traffic`; the simulation runs the whole encoder in one place).
   item_tokens: inputs are item ids, one position each, embedded with the frozen base-model title embeddings
     `base["items"]["input_id"]` (item-as-token). Frozen inputs make a client head without adapters a
     constant function of the data, so its activations can be computed once (`batch["head_act"]`).
@@ -93,6 +94,15 @@ def with_round_items(spec: LocalSpec, base: PyTree, trainable: PyTree, batch_siz
 
   vectors_id = jax.lax.map(encode, (titles["title_ids"], titles["title_mask"]), batch_size=batch_size)
   return dict(base, items=dict(titles, table_id=jax.lax.stop_gradient(vectors_id)))
+
+
+def item_encoding_traffic(spec: LocalSpec, base: PyTree) -> int:
+  """Bytes that cross the cut each way when a split client re-encodes its titles (`item_side="encoder"`):
+  every title token's activations go up to the server's blocks and come back once (no gradient)."""
+  if spec.item_side != "encoder" or spec.split_k is None:
+    return 0
+  title_ids = base["items"]["title_ids"]
+  return title_ids.size * spec.config.hidden_size * jnp.dtype(spec.config.dtype).itemsize
 
 
 def model_params(spec: LocalSpec, params: PyTree, base: PyTree) -> PyTree:
@@ -270,7 +280,9 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
     (lora, opt_state, _), per_step = jax.lax.scan(
         step, (lora, opt_state, lora), (batches, jax.random.split(rng, num_steps)))
     totals = jax.tree.map(jnp.sum, per_step)
-    stats = dict(totals, loss=totals["loss_sum"] / jnp.maximum(totals["tokens"], 1.0))
+    encoding = item_encoding_traffic(spec, base)
+    stats = dict(totals, loss=totals["loss_sum"] / jnp.maximum(totals["tokens"], 1.0),
+                 bytes_up=totals["bytes_up"] + encoding, bytes_down=totals["bytes_down"] + encoding)
     return lora, opt_state, stats
 
   return local_update

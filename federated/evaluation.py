@@ -33,7 +33,6 @@ batch of a client is padded with copies of its first row), so generation compile
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
 import jax

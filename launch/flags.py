@@ -113,9 +113,7 @@ ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_
          "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative"),
          "dp_accountant": ("rdp", "pld"), "fellrec_similarity": ("params", "update"),
          "disc_input": ("text", "items"), "item_side": ("frozen", "table", "encoder"),
-         "item_table_rank": "--item_side=table: 0 trains the whole [items, d] table; r > 0 trains a rank-r "
-                       "correction u @ v of the frozen title embeddings (far fewer parameters per rare item).",
-    "disc_score": ("cosine", "dot")}
+         "disc_score": ("cosine", "dot")}
 
 
 def _base_type(annotation):

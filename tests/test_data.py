@@ -174,19 +174,22 @@ def test_train_on_inputs_masks_everything_after_first_token():
   assert (length - 1).max() <= b["target_index"].shape[-1] < b["input_ids"].shape[-1]
 
 
-def test_discriminative_iteration_covers_each_example_once_and_resumes_exactly():
-  prep, stats = prepare_dataset("synthetic", seed=3, num_clients=4, partition="random", max_train_samples=90)
-  clients = pipeline.discriminative_clients(prep)
+def test_item_sequence_iteration_covers_each_position_once_and_resumes_exactly():
+  prep, stats = prepare_dataset("synthetic", seed=3, num_clients=4, partition="random")
+  clients = pipeline.item_sequence_clients(prep, seq_len=10)
   bsz = 8
   n_steps = int(pipeline.steps_per_epoch(clients, bsz).max())
   it = pipeline.iterate(clients, batch_size=bsz, state={"seed": 0, "epoch": 0, "step": 0})
   run = [next(it) for _ in range(2 * n_steps + 3)]
   b0 = run[0][0]
-  assert b0["history"].shape == b0["history_mask"].shape == (4, bsz, 10)
-  assert b0["target"].shape == b0["example_mask"].shape == (4, bsz)
-  for c, ex in enumerate(clients):
-    got = np.concatenate([b["target"][c][b["example_mask"][c] == 1] for b, _ in run[:n_steps]])
-    assert sorted(got) == sorted(ex.target)
+  assert b0["input_ids"].shape == b0["attention_mask"].shape == b0["target"].shape == (4, bsz, 10)
+  assert b0["example_mask"].shape == (4, bsz)
+  for c in range(4):  # one epoch trains every (item -> next item) step of the client's users exactly once
+    got = sorted((int(i), int(t)) for b, _ in run[:n_steps]
+                 for ids, m, tg in zip(b["input_ids"][c], b["attention_mask"][c], b["target"][c])
+                 for i, t in zip(ids[m > 0], tg[m > 0]))
+    seqs = [prep.split.train[u] for u in prep.client_users(c)]
+    assert got == sorted((int(s[j - 1]), int(s[j])) for s in seqs for j in range(1, len(s)))
   assert run[n_steps - 1][1] == {"seed": 0, "epoch": 1, "step": 0}
   # Epochs reshuffle; resuming from a saved state reproduces the same batches.
   assert not np.array_equal(run[0][0]["target"], run[n_steps][0]["target"])
@@ -195,7 +198,7 @@ def test_discriminative_iteration_covers_each_example_once_and_resumes_exactly()
   for (want, _), (got, _) in zip(run[n_steps + 2:], resumed):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
-  # History rows: left-padded, and the target follows the last history item in the user's sequence.
+  # Training windows (prompts): left-padded, and the target follows the last history item.
   w = prep.train
   assert (w.history_mask[:, -1] == 1).all()
   for u, h, m, t in zip(w.user, w.history, w.history_mask, w.target):

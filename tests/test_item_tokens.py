@@ -104,14 +104,33 @@ def test_position_loss_equals_a_numpy_softmax_over_cosine_scores():
   assert float(count) == mask.sum()
 
 
-@pytest.mark.parametrize("item_side", ["table", "encoder"])
-def test_engine_training_raises_validation_ndcg(tmp_path, item_side):
+def test_encoder_item_side_trains_against_the_vectors_evaluation_ranks_by():
+  """`item_side="encoder"`: the item vectors of a local round are the titles encoded under the client's
+  adapters exactly as the evaluation encodes them, and a split client counts their trip across the cut."""
+  from federated import evaluation
+  config, base0, tokenizer = models.load("tiny-bert", corpus=[f"movie {i}" for i in range(40)], num_layers=2,
+                                                  lora=models.LoraConfig(rank=2, dropout=0.0))
+  titles = [f"movie {i} part {i % 3}" for i in range(12)]
+  lora = jax.tree.map(lambda x: x + 0.05, models.init_lora(config, base0, jax.random.key(0)))
+  rows = evaluation.text_rows(config, tokenizer, titles, config.max_positions)
+  ids, mask = models.tokenizer.pad_rows(rows, tokenizer.pad_id, "right")
+  base = dict(base0, items={"title_ids": ids, "title_mask": mask})
+  spec = client.LocalSpec(dataclasses.replace(config, causal=True), split_k=1, hidden=True, item_side="encoder",
+                          item_tokens=True)
+  got = client.with_round_items(spec, base, lora, batch_size=5)["items"]["table_id"]
+  want = evaluation.embed_texts(config, base0, tokenizer, titles, lora=lora)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert client.item_encoding_traffic(spec, base) == ids.size * config.hidden_size * 4
+  assert client.item_encoding_traffic(dataclasses.replace(spec, split_k=None), base) == 0
+
+
+def test_engine_training_raises_validation_ndcg(tmp_path):
   """Synthetic data, tiny-bert: validation ndcg@10 of the trained adapters beats the untrained adapters'."""
   import engine_worker
   from fellrec_jax.data import prepare_dataset
   from federated import engine, experiment
   cfg = engine_worker.make_config(str(tmp_path), model="tiny-bert", task="discriminative", disc_input="items",
-                                  item_side=item_side, history_len=12, rounds=3, learning_rate=1e-2, batch_size=16,
+                                  item_side="table", history_len=12, rounds=3, learning_rate=1e-2, batch_size=16,
                                   lora_targets=("q", "v", "up", "down"), split_k=(2,), max_eval_users=None,
                                   warm_start_steps=0)
   prep, _ = prepare_dataset("synthetic", num_clients=cfg.num_clients, partition="random", seed=cfg.seed,
