@@ -13,6 +13,10 @@ from fellrec_jax.data import pipeline
 from federated import client
 
 I, D, B, T = 30, 32, 3, 6
+# Jitted once per spec: eager op-by-op dispatch of these scans and vjps is what makes a test slow.
+split_value_and_grad = jax.jit(client.split_value_and_grad, static_argnums=(0, 5))
+unsplit_value_and_grad = jax.jit(client.unsplit_value_and_grad, static_argnums=(0, 5))
+apply = jax.jit(models.apply, static_argnames="config")
 
 
 def _setup(num_layers=4, items="table"):
@@ -53,12 +57,12 @@ def test_causal_encoder_positions_ignore_later_items():
   params = models.item_token_params(base, base["items"]["input_id"])
   ids = batch["input_ids"][:1]
   changed = ids.at[0, -1].set((ids[0, -1] + 1) % I)
-  h = models.apply(config, params, ids, lora=lora)
-  h2 = models.apply(config, params, changed, lora=lora)
+  h = apply(config, params, ids, lora=lora)
+  h2 = apply(config, params, changed, lora=lora)
   np.testing.assert_allclose(h[:, :-1], h2[:, :-1], rtol=1e-5, atol=1e-6)
   assert not np.allclose(h[:, -1], h2[:, -1])
   bidirectional = dataclasses.replace(config, causal=False)
-  assert not np.allclose(models.apply(bidirectional, params, ids)[:, 0], models.apply(bidirectional, params, changed)[:, 0])
+  assert not np.allclose(apply(bidirectional, params, ids)[:, 0], apply(bidirectional, params, changed)[:, 0])
 
 
 @pytest.mark.parametrize("k,items", [(1, "table"), (3, "table"), (2, "lowrank")])
@@ -69,8 +73,8 @@ def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
   config, base, lora, batch = _setup(items=items)
   loss_fn = client.discriminative_loss(config, temperature=0.1)
   spec = dict(hidden=True, item_side="table", item_tokens=True)
-  ref = client.unsplit_value_and_grad(client.LocalSpec(config, **spec), base, lora, batch, None, loss_fn)
-  got = client.split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, lora, batch, None, loss_fn)
+  ref = unsplit_value_and_grad(client.LocalSpec(config, **spec), base, lora, batch, None, loss_fn)
+  got = split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, lora, batch, None, loss_fn)
   assert float(ref[1]) == float(batch["attention_mask"][:2].sum())  # real positions of real examples
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
   assert jax.tree.structure(got[2]) == jax.tree.structure(ref[2])
@@ -82,8 +86,8 @@ def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
   cached = dict(batch, head_act=models.client_head(config, models.item_token_params(head, base["items"]["input_id"]),
                                                    batch["input_ids"], batch["attention_mask"]))
   frozen_head = dict(lora, blocks=jax.tree.map(lambda x: x.at[:k].set(0.0), lora["blocks"]))  # cached blocks: no adapters
-  want = client.split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, frozen_head, batch, None, loss_fn)
-  got = client.split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, frozen_head, cached, None, loss_fn)
+  want = split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, frozen_head, batch, None, loss_fn)
+  got = split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, frozen_head, cached, None, loss_fn)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, r in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
     np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6)
@@ -92,7 +96,7 @@ def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
 def test_position_loss_equals_a_numpy_softmax_over_cosine_scores():
   config, base, lora, batch = _setup()
   table = np.asarray(lora["items"]["table_id"], np.float64)
-  h = np.asarray(models.apply(config, models.item_token_params(base, base["items"]["input_id"]), batch["input_ids"],
+  h = np.asarray(apply(config, models.item_token_params(base, base["items"]["input_id"]), batch["input_ids"],
                               batch["attention_mask"], lora=lora, hidden=True), np.float64)
   loss_sum, count = client.discriminative_loss(config, temperature=0.1)(jnp.asarray(h), batch, lora["items"]["table_id"])
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
