@@ -84,12 +84,16 @@ def _random_recall_at_10(cfg):
 
 
 def test_quickstart_end_to_end_beats_random(tmp_path):
-  out = _main("--flagfile=launch/configs/quickstart.flags", "--num_clients=3", "--rounds=2", f"--workdir={tmp_path}")
+  # item-kNN only: SASRec's fit is tested in test_baselines and would double this test's time
+  out = _main("--flagfile=launch/configs/quickstart.flags", "--num_clients=3", "--rounds=2", "--baselines=item_knn",
+              f"--workdir={tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert str(tmp_path) in out.stdout
   results = json.loads((tmp_path / "results.json").read_text())
   assert [r["round"] for r in results["rounds"]] == [0, 1]
   assert len(results["test"]["clients"]) == 3
   assert results["resources"]["bytes_up"] > 0 and results["resources"]["server_params"] > 0
+  assert set(results["baselines"]) == {"most_popular", "item_knn"}
+  assert set(results["baselines"]["item_knn"]) == set(results["test"]["overall"])
   cfg = RunConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()})
   assert results["test"]["overall"]["recall@10"] > _random_recall_at_10(cfg)
