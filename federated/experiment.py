@@ -190,7 +190,7 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
 
 def validation_metric(cfg: RunConfig, model, prep, item_emb: np.ndarray, lora_c) -> np.ndarray:
   """`[C]` each client's `--select_by` metric on its validation users (0 for a client without any)."""
-  name, k = cfg.selection_metric.split("@")
+  k = cfg.selection_metric.split("@")[1]
   result = evaluate(dataclasses.replace(cfg, metric_ks=(int(k),)), model, sharding.to_host(lora_c), prep, "valid",
                     item_emb)
   return np.asarray([c.get(cfg.selection_metric, 0.0) for c in result["clients"]])
