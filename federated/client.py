@@ -48,7 +48,10 @@ class LocalSpec:
       (counted by `item_encoding_traffic`; the simulation runs the whole encoder in one place).
   item_tokens: inputs are item ids, one position each, embedded with the frozen base-model title embeddings
     `base["items"]["input_id"]` (item-as-token). Frozen inputs make a client head without adapters a
-    constant function of the data, so its activations can be computed once (`batch["head_act"]`).
+    constant function of the data, so its activations can be computed once (`batch["head_act"]`). A
+    trainable item-ID embedding `trainable["items"]["embed_id"]` (`tail_input`), if the client has one,
+    is added where the client tail starts: the last block sees which items these are, not only what
+    their titles say, and the head stays constant.
   """
 
   config: ModelConfig
@@ -71,12 +74,19 @@ def item_vectors(base: PyTree, trainable: PyTree) -> jax.Array | None:
   `base["items"]["table_id"]` (frozen, or this round's re-encoded titles from `with_round_items`); None for
   generative training."""
   frozen = base.get("items", {}).get("table_id")
-  items = trainable.get("items")
-  if items is None:
-    return frozen
+  items = trainable.get("items", {})
   if "table_id" in items:
     return items["table_id"]
-  return frozen + items["u_ir"] @ items["v_rd"]
+  if "u_ir" in items:
+    return frozen + items["u_ir"] @ items["v_rd"]
+  return frozen
+
+
+def tail_input(trainable: PyTree, input_ids_bt: jax.Array) -> jax.Array | None:
+  """`[B, T, D]` the client's trainable item-ID embeddings of an item-as-token batch, added to the residual
+  stream where the client tail starts (`models.apply`'s `tail_input_btd`); None without them."""
+  table = trainable.get("items", {}).get("embed_id")
+  return None if table is None else jnp.take(table, input_ids_bt, axis=0)
 
 
 def with_round_items(spec: LocalSpec, base: PyTree, trainable: PyTree, batch_size: int = 256) -> PyTree:
@@ -175,7 +185,8 @@ def _concat_layers(*trees):
 def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
   """Loss sum, token count, trainable grads and cut traffic of one micro-batch through the real split.
 
-  A trainable item table (`lora["items"]`) scores on the client tail: its gradient never crosses the cut.
+  A trainable item table and item-ID embeddings (`lora["items"]`) act on the client tail: their gradients
+  never cross the cut.
   Returns `(loss_sum, count, grads,
   traffic)` with `traffic = {"up": bytes client->server, "down": bytes server->client}`.
   """
@@ -187,38 +198,43 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
   rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
   mask = batch["attention_mask"]
 
-  if "head_act" in batch:  # a client head without adapters: its activations were computed once
-    act_up, head_vjp = batch["head_act"], lambda g: (jax.tree.map(jnp.zeros_like, lora_head),)
+  per_client = spec.server_lora == "per_client"  # else the server's blocks run without adapters
+  body_fn = lambda lb, a: models.server_body(cfg, body, a, mask, lora=lb if per_client else None,
+                                             rng=rngs[1] if per_client else None)
+  # A client head without adapters (`--cache_head`): its activations were computed once, and nothing
+  # below the cut trains, so the server sends no activation gradient down.
+  cached_head = "head_act" in batch
+  if cached_head:
+    act_up = batch["head_act"]
+    act_down, lora_body_vjp = jax.vjp(lambda lb: body_fn(lb, act_up), lora_body)
+    body_vjp = lambda g: (*lora_body_vjp(g), None)
   else:
     act_up, head_vjp = jax.vjp(
         lambda lh: models.client_head(cfg, model_params(spec, head, base), batch["input_ids"], mask, lora=lh,
                                       rng=rngs[0]), lora_head)
-  if spec.server_lora == "per_client":
-    act_down, body_vjp = jax.vjp(
-        lambda lb, a: models.server_body(cfg, body, a, mask, lora=lb, rng=rngs[1]), lora_body, act_up)
-  else:
-    act_down, frozen_vjp = jax.vjp(lambda a: models.server_body(cfg, body, a, mask), act_up)
-    body_vjp = lambda g: (jax.tree.map(jnp.zeros_like, lora_body), *frozen_vjp(g))
+    act_down, body_vjp = jax.vjp(body_fn, lora_body, act_up)
+  ids_input = lambda it: tail_input({} if it is None else {"items": it}, batch["input_ids"])
   loss_sum, tail_vjp, count = jax.vjp(
-      lambda lt, a, it: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2],
+      lambda lt, a, it: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2], tail_input_btd=ids_input(it),
                                                    **model_outputs(spec.hidden, batch)), batch, vectors(it)),
       lora_tail, act_down, items, has_aux=True)
 
   grad_tail, grad_down, items_tail = tail_vjp(jnp.ones_like(loss_sum))
   grad_body, grad_up = body_vjp(grad_down)
-  (grad_head,) = head_vjp(grad_up)
+  grad_head = jax.tree.map(jnp.zeros_like, lora_head) if cached_head else head_vjp(grad_up)[0]
   grads = _concat_layers(grad_head, grad_body, grad_tail)
   if items is not None:
     grads["items"] = items_tail
   nbytes = lambda x: x.size * x.dtype.itemsize
-  traffic = {"up": nbytes(act_up) + nbytes(grad_down), "down": nbytes(act_down) + nbytes(grad_up)}
+  traffic = {"up": nbytes(act_up) + nbytes(grad_down), "down": nbytes(act_down) + (0 if cached_head else nbytes(grad_up))}
   return loss_sum, count, grads, traffic
 
 
 def forward_loss(spec: LocalSpec, base: PyTree, trainable: PyTree, batch: Batch, rng=None, loss_fn=generative_loss):
   """`(loss_sum, count)` of one micro-batch through the whole model in one place."""
   out = models.apply(spec.config, model_params(spec, base, base), batch["input_ids"], batch["attention_mask"],
-                     lora=trainable, rng=rng, **model_outputs(spec.hidden, batch))
+                     lora=trainable, rng=rng, tail_input_btd=tail_input(trainable, batch["input_ids"]),
+                     **model_outputs(spec.hidden, batch))
   return loss_fn(out, batch, item_vectors(base, trainable))
 
 

@@ -116,6 +116,9 @@ class Engine:
   item_side: str | None = None  # see `client.LocalSpec`
   item_tokens: bool = False
   item_table: np.ndarray | None = None  # [I, D] initial trainable item table (item_side="table")
+  # [C, I] each client's training count of each item: a trainable table's rows are mixed by them
+  # (`strategies.mix`); None mixes the table like the adapters
+  item_counts: np.ndarray | None = None
   frozen_head: bool = False  # no adapters on each client's head blocks [0, k) (`--cache_head`)
   # `(lora_c) -> [C]` validation ranking metric of each client's adapter (higher is better); None selects
   # each client's best adapter by held-out loss instead
@@ -153,6 +156,8 @@ class Engine:
     lora = models.init_lora(self.model_config, sharding.to_host(self.base), rng)
     if self.item_side == "table":  # a trainable item table starts from the base-model title embeddings
       lora["items"] = init_item_table(self.item_table, self.cfg.item_table_rank, jax.random.fold_in(rng, 1))
+    if self.cfg.item_ids:  # item-ID embeddings start at zero: the model starts as the text-only one
+      lora.setdefault("items", {})["embed_id"] = jnp.zeros(self.base["items"]["input_id"].shape, jnp.float32)
     lora = stack_clients(lora, self.num_clients)
     if self.frozen_head:  # A = B = 0 on blocks [0, k): no gradient ever reaches them, nothing is mixed in
       layers = np.arange(self.model_config.num_layers)
@@ -203,12 +208,21 @@ class Engine:
   # ------------------------------------------------------------------ aggregation
 
   def _aggregate_impl(self, lora, losses, weights, participating, round_index, anchor):
-    if not self.cfg.fellrec_private_tail:
-      return self.strategy.aggregate(lora, losses, weights, participating, round_index, anchor)
-    last = self.model_config.num_layers - 1  # the client-tail block's adapters stay private
-    shared = lambda tree: jax.tree.map(lambda x: x[:, :last], tree)
-    mixed, info = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor))
-    return jax.tree.map(lambda m, x: jnp.concatenate([m, x[:, last:]], axis=1), mixed, lora), info
+    rows = {} if self.item_counts is None else {"item_counts": jnp.asarray(self.item_counts)}
+    last = self.model_config.num_layers - 1  # --fellrec_private_tail: the client-tail block's adapters stay private
+    shared = ((lambda tree: dict(tree, blocks=jax.tree.map(lambda x: x[:, :last], tree["blocks"])))
+              if self.cfg.fellrec_private_tail else (lambda tree: tree))
+    mixed, info = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor),
+                                          **rows)
+    if self.cfg.server_lr != 1.0 and self.strategy.name not in ("local", "centralized"):
+      # FedOpt's server step: each client moves server_lr times as far toward its aggregate. An average of
+      # C clients' few local steps moves about as far as one client's steps, not C clients' worth.
+      step = lambda m, a: (a.astype(jnp.float32) + self.cfg.server_lr * (m.astype(jnp.float32) - a)).astype(m.dtype)
+      mixed = jax.tree.map(step, mixed, shared(anchor))
+    if self.cfg.fellrec_private_tail:
+      blocks = jax.tree.map(lambda m, x: jnp.concatenate([m, x[:, last:]], axis=1), mixed["blocks"], lora["blocks"])
+      mixed = dict(mixed, blocks=blocks)
+    return mixed, info
 
   def aggregate(self, state: FedState, losses, participating: np.ndarray, round_index: int,
                 anchor) -> tuple[FedState, dict]:

@@ -300,7 +300,9 @@ def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokeni
     params = tfm.item_token_params(base, jnp.asarray(item_emb)) if item_tokens else base
 
     def rank(ids_bt, mask_bt, exclude_bi):
-      scores_bi = score_items(text_representations(config, params, ids_bt, mask_bt, lora), items_id, score)
+      users_bd = text_representations(config, params, ids_bt, mask_bt, lora,
+                                      client.tail_input(lora or {}, jnp.asarray(ids_bt)))
+      scores_bi = score_items(users_bd, items_id, score)
       return np.asarray(metrics.top_k(scores_bi, exclude_bi, k)[0])
     return rank
 

@@ -182,10 +182,22 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
                 hidden=True, frozen_head=cfg.cache_head,
                 item_side=cfg.item_side, item_tokens=cfg.disc_input == "items",
                 item_table=item_emb if cfg.item_side == "table" else None)
+    if (cfg.item_side == "table" or cfg.item_ids) and cfg.item_aggregation == "rows":
+      task["item_counts"] = item_counts(train_examples, len(item_emb))
     if cfg.selection_metric != "loss":
       task["valid_metric"] = functools.partial(validation_metric, cfg, model, train_prep, item_emb)
   return engine_lib.Engine(cfg, task_config(cfg, config), base, train_examples, valid_examples, strategy, mesh, cuts,
                            **task)
+
+
+def item_counts(examples: list, num_items: int) -> np.ndarray:
+  """`[C, I]` how often each item is a training target of each client (item-as-token chunks: every real
+  position's next item; prompt examples: their one target)."""
+  def count(ex):
+    target = np.asarray(ex.target)
+    real = ex.attention_mask > 0 if target.ndim == 2 else np.ones(len(target), bool)
+    return np.bincount(target[real], minlength=num_items)[:num_items]
+  return np.stack([count(ex) for ex in examples]).astype(np.float32)
 
 
 def validation_metric(cfg: RunConfig, model, prep, item_emb: np.ndarray, lora_c) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Aggregation strategies: small pure functions behind one interface.
 
 A strategy is `Strategy(name, aggregate, local_penalty)`:
-  aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor) -> (stacked, info)
+  aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor[, item_counts_ci])
+      -> (stacked, info)
       `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
       mean local training losses, `weights_c` their training-example counts, `participating_c` marks
       the clients sampled this round (the others do not contribute; under FELLRec they keep their own
@@ -9,7 +10,11 @@ A strategy is `Strategy(name, aggregate, local_penalty)`:
       parameters each client started the round from (same structure as `stacked`), so
       `stacked - anchor` is what each client learned this round. `info` is a dict of arrays the run
       logs each round (FELLRec: its similarity and warm weights; empty for the others), computed by
-      the same pass that aggregates.
+      the same pass that aggregates. A run with a trainable item table (`stacked["items"]`) also passes
+      `item_counts_ci`, each client's training count of each item: the built-in strategies mix each
+      table row with the clients' weights times their counts of that item (`mix`), so a row moves
+      toward the clients whose users interacted with it, not toward the average of every client's
+      (Adam-normalised) step on it.
   local_penalty(params, anchor) -> scalar added to a client's local loss (FedProx), or None.
 
 Every client keeps its own parameter copy; FedAvg-style strategies give all clients the same average.
@@ -33,11 +38,30 @@ class Strategy:
   local_penalty: Callable[[PyTree, PyTree], jax.Array] | None = None
 
 
-def mix(stacked: PyTree, weights_cc: jax.Array) -> PyTree:
-  """Row-normalised mixing: `theta_i <- sum_j a_ij theta_j / sum_j a_ij`, leaf by leaf."""
-  a = weights_cc / jnp.sum(weights_cc, axis=1, keepdims=True)
-  return jax.tree.map(lambda x: jnp.einsum("ij,j...->i...", a.astype(jnp.float32), x.astype(jnp.float32)).astype(x.dtype),
-                      stacked)
+# Leaves of `stacked["items"]` whose axis 1 indexes items: the full table `[C, I, D]`, the item factor
+# of a low-rank correction `[C, I, r]` and the item-ID input embeddings `[C, I, D]`.
+ITEM_ROW_LEAVES = ("table_id", "u_ir", "embed_id")
+# A client's weight on an item it never trained on, relative to one training example of it: rows no
+# participating client has seen fall back to the plain mixing weights.
+ITEM_COUNT_PRIOR = 1e-3
+
+
+def mix(stacked: PyTree, weights_cc: jax.Array, item_counts_ci: jax.Array | None = None) -> PyTree:
+  """Row-normalised mixing: `theta_i <- sum_j a_ij theta_j / sum_j a_ij`, leaf by leaf.
+
+  With `item_counts_ci` `[C, I]`, each row r of the item leaves (`ITEM_ROW_LEAVES` under "items") mixes
+  with `a_ij (n_jr + prior)` instead: `theta_i[r] <- sum_j a_ij n_jr theta_j[r] / sum_j a_ij n_jr`.
+  """
+  a = weights_cc.astype(jnp.float32)
+  plain = lambda x: jnp.einsum("ij,j...->i...", a / jnp.sum(a, axis=1, keepdims=True),
+                               x.astype(jnp.float32)).astype(x.dtype)
+  if item_counts_ci is None or not (isinstance(stacked, dict) and "items" in stacked):
+    return jax.tree.map(plain, stacked)
+  w_cci = a[:, :, None] * (item_counts_ci.astype(jnp.float32) + ITEM_COUNT_PRIOR)[None]
+  w_cci = w_cci / jnp.sum(w_cci, axis=1, keepdims=True)
+  by_rows = lambda x: jnp.einsum("ijr,jr...->ir...", w_cci, x.astype(jnp.float32)).astype(x.dtype)
+  items = {name: (by_rows if name in ITEM_ROW_LEAVES else plain)(x) for name, x in stacked["items"].items()}
+  return jax.tree.map(plain, {key: x for key, x in stacked.items() if key != "items"}) | {"items": items}
 
 
 def gram_matrix(stacked: PyTree) -> jax.Array:
@@ -80,11 +104,15 @@ def fellrec_weights(stacked: PyTree, losses_c, round_index, *, alpha: float, bet
 
   The released BIGRec code applies the warm weight only when `beta != 1`; `variant="code"` keeps that
   gate, `variant="paper"` always applies it. The similarity compares the parameters themselves (as
-  released) or, with `reference`, the clients' updates `stacked - reference`.
+  released) or, with `reference`, the clients' updates `stacked - reference`: the model's adapters only.
+  A trainable item table (`stacked["items"]`) is left out: it starts from the same title embeddings on
+  every client and is orders of magnitude larger, so it would make every pair look alike.
   """
   if variant not in ("code", "paper"):
     raise ValueError(f"unknown FELLRec variant {variant!r}; expected 'code' or 'paper'")
-  compared = stacked if reference is None else jax.tree.map(jnp.subtract, stacked, reference)
+  model = lambda tree: ({key: x for key, x in tree.items() if key != "items"}
+                        if isinstance(tree, dict) and "items" in tree else tree)
+  compared = model(stacked) if reference is None else jax.tree.map(jnp.subtract, model(stacked), model(reference))
   s = parameter_similarity(compared)
   w = warm_weights(losses_c, round_index, alpha=alpha, beta=beta, temperature=temperature, variant=variant,
                    participating_c=participating_c)
@@ -99,25 +127,28 @@ def fellrec_weights(stacked: PyTree, losses_c, round_index, *, alpha: float, bet
 
 
 def fellrec_aggregate(stacked: PyTree, losses, round_index, *, alpha: float, beta: float, temperature: float = 0.05,
-                      variant: str = "code", participating=None, reference: PyTree | None = None) -> PyTree:
+                      variant: str = "code", participating=None, reference: PyTree | None = None,
+                      item_counts=None) -> PyTree:
   """FELLRec dynamic-balance aggregation: each client gets its own personalised aggregate.
 
   `stacked`: pytree with leading clients axis C; `losses`: `[C]` mean local training losses;
   `round_index`: 0-based round; `reference` (optional, like `stacked`): measure similarity on
-  `stacked - reference` instead of the parameters. Returns the new stacked pytree.
+  `stacked - reference` instead of the parameters; `item_counts` `[C, I]`: see `mix`. Returns the new
+  stacked pytree.
   """
   a, _, _ = fellrec_weights(stacked, jnp.asarray(losses), round_index, alpha=alpha, beta=beta,
                             temperature=temperature, variant=variant, participating_c=participating,
                             reference=reference)
-  return mix(stacked, a)
+  return mix(stacked, a, item_counts)
 
 
-def fedavg_aggregate(stacked: PyTree, weights_c, participating_c=None) -> PyTree:
-  """Example-count-weighted average over the participating clients, given to every client."""
+def fedavg_aggregate(stacked: PyTree, weights_c, participating_c=None, item_counts_ci=None) -> PyTree:
+  """Example-count-weighted average over the participating clients, given to every client (item table
+  rows: weighted by the clients' counts of that item, `mix`)."""
   w = jnp.asarray(weights_c, jnp.float32)
   if participating_c is not None:
     w = jnp.where(participating_c, w, 0.0)
-  return mix(stacked, jnp.broadcast_to(w, (w.shape[0], w.shape[0])))
+  return mix(stacked, jnp.broadcast_to(w, (w.shape[0], w.shape[0])), item_counts_ci)
 
 
 def proximal_penalty(mu: float) -> Callable[[PyTree, PyTree], jax.Array]:
@@ -138,16 +169,16 @@ def make_strategy(name: str, *, fellrec_alpha: float = 0.7, fellrec_beta: float 
   """
   if fellrec_similarity not in ("params", "update"):
     raise ValueError(f"unknown FELLRec similarity {fellrec_similarity!r}; expected 'params' or 'update'")
-  keep = lambda stacked, losses, weights, participating, round_index, anchor: (stacked, {})
-  fedavg = lambda stacked, losses, weights, participating, round_index, anchor: (
-      fedavg_aggregate(stacked, weights, participating), {})
+  keep = lambda stacked, losses, weights, participating, round_index, anchor, item_counts=None: (stacked, {})
+  fedavg = lambda stacked, losses, weights, participating, round_index, anchor, item_counts=None: (
+      fedavg_aggregate(stacked, weights, participating, item_counts), {})
   if name == "fellrec":
-    def aggregate(stacked, losses, weights, participating, round_index, anchor):
+    def aggregate(stacked, losses, weights, participating, round_index, anchor, item_counts=None):
       a, s, w = fellrec_weights(stacked, jnp.asarray(losses), round_index, alpha=fellrec_alpha, beta=fellrec_beta,
                                 temperature=fellrec_temperature, variant=fellrec_variant,
                                 participating_c=participating,
                                 reference=anchor if fellrec_similarity == "update" else None)
-      return mix(stacked, a), {"similarity": s, "warm_weights": w}
+      return mix(stacked, a, item_counts), {"similarity": s, "warm_weights": w}
     return Strategy("fellrec", aggregate)
   if name == "fedavg":
     return Strategy("fedavg", fedavg)

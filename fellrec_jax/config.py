@@ -48,6 +48,8 @@ class RunConfig:
   disc_input: str = "text"  # "text": the BIGRec prompt's tokens; "items": item-as-token sequences
   item_side: str = "frozen"  # discriminative item vectors: "frozen", "table" (trained) or "encoder"
   item_table_rank: int = 0  # item_side=table: 0 trains the whole table, r > 0 a rank-r correction of it
+  item_ids: bool = False  # item inputs: trainable item-ID embeddings added where the client tail starts
+  item_aggregation: str = "rows"  # trainable item rows: "rows" (each by the clients' counts of it) or "clients"
   disc_score: str = "cosine"  # "cosine" (RecFormer) or "dot"
   cache_head: bool = False  # item inputs: the client head has no adapters; its activations computed once
   dtype: str = "float32"
@@ -85,6 +87,7 @@ class RunConfig:
   fellrec_similarity: str = "params"
   fellrec_private_tail: bool = False
   fedprox_mu: float = 0.01
+  server_lr: float = 1.0  # FedOpt server step: anchor + server_lr * (aggregate - anchor)
   # evaluation and the loop
   eval_every: int = 1
   select_by: str | None = None  # "loss" or a metric such as "ndcg@10"; None: ndcg@10 for discriminative
@@ -144,6 +147,7 @@ class RunConfig:
     need(self.fellrec_beta > 0, "fellrec_beta", "must be > 0")
     need(self.fellrec_temperature > 0, "fellrec_temperature", "must be > 0")
     need(self.fedprox_mu >= 0, "fedprox_mu", "must be >= 0")
+    need(self.server_lr > 0, "server_lr", "must be > 0")
     need(self.eval_every >= 1, "eval_every", "must be >= 1")
     need(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(self.patience is None or self.patience >= 1, "patience", "must be >= 1")
@@ -156,6 +160,8 @@ class RunConfig:
     need(self.item_side in ("frozen", "table", "encoder"), "item_side", "expected 'frozen', 'table' or 'encoder'")
     need(self.item_table_rank >= 0, "item_table_rank", "must be >= 0")
     need(self.item_table_rank == 0 or self.item_side == "table", "item_table_rank", "needs --item_side=table")
+    need(self.item_aggregation in ("rows", "clients"), "item_aggregation", "expected 'rows' or 'clients'")
+    need(not self.item_ids or self.disc_input == "items", "item_ids", "needs --disc_input=items")
     need(self.disc_score in ("cosine", "dot"), "disc_score", "expected 'cosine' or 'dot'")
     need(not self.cache_head or (self.disc_input == "items" and self.task == "discriminative"), "cache_head",
          "needs --task=discriminative --disc_input=items (frozen item inputs make the head's output constant)")

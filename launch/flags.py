@@ -46,6 +46,12 @@ HELP = {
                  "trainable table initialised from them, trained and aggregated like the adapters, so it is "
                  "uploaded each round) or encoder (titles re-encoded under the client's adapters each round, "
                  "as RecFormer).",
+    "item_ids": "--disc_input=items: a trainable [items, d] item-ID embedding (zero at start) added to the "
+                "residual stream where the client tail (last block) starts, so the model knows which items a "
+                "user saw, not only their titles; client-side, aggregated like the item table.",
+    "item_aggregation": "Trainable item rows (--item_side=table, --item_ids): how the strategies mix them. rows: each item's row with "
+                        "every client's weight times its training count of that item (a row follows the "
+                        "clients whose users interacted with it); clients: like the adapters.",
     "item_table_rank": "--item_side=table: 0 trains the whole [items, d] table; r > 0 trains a rank-r "
                        "correction u @ v of the frozen title embeddings (far fewer parameters per rare item).",
     "disc_score": "Discriminative score of a user state and an item vector: cosine (RecFormer) or dot (SASRec; "
@@ -95,6 +101,9 @@ HELP = {
                           "clients look near-identical); update: cosine of what each client learned this round.",
     "fellrec_private_tail": "Keep the client-tail block's adapters out of aggregation.",
     "fedprox_mu": "FedProx proximal coefficient mu.",
+    "server_lr": "Server learning rate of the aggregating strategies (FedOpt, Reddi et al. 2021): each client's "
+                 "new parameters are anchor + server_lr * (aggregate - anchor), anchor being what it started "
+                 "the round from. 1 is plain aggregation; local and centralized have no server step.",
     "eval_every": "Validate every this many rounds.",
     "checkpoint_every": "Checkpoint every this many rounds (and after the last round or an early stop); a "
                         "resumed run redoes the rounds after its last checkpoint, identically.",
@@ -113,6 +122,7 @@ ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_
          "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative"),
          "dp_accountant": ("rdp", "pld"), "fellrec_similarity": ("params", "update"),
          "disc_input": ("text", "items"), "item_side": ("frozen", "table", "encoder"),
+         "item_aggregation": ("rows", "clients"),
          "disc_score": ("cosine", "dot")}
 
 

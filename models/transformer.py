@@ -243,25 +243,35 @@ def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
 
 def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
           *, lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False,
-          logits_at: jax.Array | None = None) -> jax.Array:
+          logits_at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
   """The unsplit forward: logits `[B, T, V]` (decoder; `[B, R, V]` at positions `logits_at` `[B, R]`) or
   last hidden states `[B, T, D]` (encoder, or a decoder with `hidden=True`: after the final norm).
 
-  `rng` enables LoRA dropout (training); without it the forward is deterministic.
+  `rng` enables LoRA dropout (training); without it the forward is deterministic. `tail_input_btd` is
+  added to the residual stream before the last block (where the client tail of a split starts).
   """
   if attention_mask_bt is None:
     attention_mask_bt = jnp.ones_like(input_ids_bt)
   x = embed(config, params, input_ids_bt)
-  x = run_blocks(config, params["blocks"], x, attention_mask_bt,
-                 lora_blocks=None if lora is None else lora["blocks"], rng=rng)
+  lora_blocks = None if lora is None else lora["blocks"]
+  if tail_input_btd is None:
+    x = run_blocks(config, params["blocks"], x, attention_mask_bt, lora_blocks=lora_blocks, rng=rng)
+  else:
+    last = config.num_layers - 1
+    rngs = [None, None] if rng is None else list(jax.random.split(rng))
+    part = lambda tree, start, stop: None if tree is None else jax.tree.map(lambda y: y[start:stop], tree)
+    x = run_blocks(config, part(params["blocks"], 0, last), x, attention_mask_bt,
+                   lora_blocks=part(lora_blocks, 0, last), rng=rngs[0])
+    x = run_blocks(config, part(params["blocks"], last, None), x + tail_input_btd.astype(x.dtype), attention_mask_bt,
+                   lora_blocks=part(lora_blocks, last, None), rng=rngs[1])
   return outputs(config, params, x, hidden=hidden, logits_at=logits_at)
 
 
 def sequence_representation(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,
-                            lora: Params | None = None) -> jax.Array:
+                            lora: Params | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
   """`[B, D]` float32: the final-norm hidden state of the last column (decoders and causal encoders, inputs
   left-padded) or the mean over real tokens of the last hidden states (encoders, right-padded)."""
-  x_btd = apply(config, params, input_ids_bt, attention_mask_bt, lora=lora, hidden=True)
+  x_btd = apply(config, params, input_ids_bt, attention_mask_bt, lora=lora, hidden=True, tail_input_btd=tail_input_btd)
   rep_bd = x_btd[:, -1] if config.left_padded else mean_pool(x_btd, attention_mask_bt)
   return rep_bd.astype(jnp.float32)
 

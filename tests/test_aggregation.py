@@ -126,3 +126,74 @@ def test_partial_participation():
   assert not np.allclose(fel[0], w[0])
   avg = np.asarray(strategies.fedavg_aggregate(stacked, jnp.ones(4), participating)["w"])
   np.testing.assert_allclose(avg, np.broadcast_to(w[[0, 2, 3]].mean(0), (4, 3)), rtol=1e-5)
+
+
+def test_item_table_rows_follow_the_clients_that_trained_them():
+  """FedAvg and FELLRec with item counts: each table row is mixed with `a_ij (n_jr + prior)`, a plain
+  NumPy transcription; adapters mix as before; FELLRec's similarity ignores the table."""
+  rng = np.random.default_rng(2)
+  c, items, d = 3, 5, 4
+  adapters = rng.normal(size=(c, 6))
+  table = rng.normal(size=(c, items, d))
+  counts = rng.integers(0, 4, size=(c, items)).astype(np.float64)
+  counts[:, 0] = 0  # an item no client trained on: plain client weights
+  counts[:, 1] = [7, 0, 0]  # an item only client 0 trained on: its row everywhere
+  stacked = {"blocks": {"w": jnp.asarray(adapters, jnp.float32)},
+             "items": {"table_id": jnp.asarray(table, jnp.float32)}}
+  weights = np.array([1.0, 2.0, 5.0])
+
+  def rows_numpy(a):
+    out = np.zeros_like(table)
+    for i in range(c):
+      for r in range(items):
+        w = a[i] * (counts[:, r] + strategies.ITEM_COUNT_PRIOR)
+        out[i, r] = (w[:, None] * table[:, r]).sum(0) / w.sum()
+    return out
+
+  avg = strategies.fedavg_aggregate(stacked, jnp.asarray(weights), item_counts_ci=jnp.asarray(counts))
+  expected = rows_numpy(np.broadcast_to(weights, (c, c)))
+  np.testing.assert_allclose(np.asarray(avg["items"]["table_id"]), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(avg["items"]["table_id"][:, 1]), np.broadcast_to(table[0, 1], (c, d)),
+                             atol=1e-2)  # the others' prior weight: ~1e-3 of client 0's
+  np.testing.assert_allclose(np.asarray(avg["items"]["table_id"][:, 0]),
+                             np.broadcast_to((weights[:, None] * table[:, 0]).sum(0) / weights.sum(), (c, d)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(avg["blocks"]["w"]),
+                             np.broadcast_to((weights[:, None] * adapters).sum(0) / weights.sum(), (c, 6)), rtol=1e-5)
+
+  losses = jnp.asarray([2.0, 2.1, 1.9])
+  a, s, _ = strategies.fellrec_weights(stacked, losses, 2, alpha=0.7, beta=5.0)
+  a_adapters, s_adapters, _ = strategies.fellrec_weights({"blocks": stacked["blocks"]}, losses, 2, alpha=0.7, beta=5.0)
+  np.testing.assert_allclose(np.asarray(s), np.asarray(s_adapters), rtol=1e-6)
+  fel = strategies.fellrec_aggregate(stacked, losses, 2, alpha=0.7, beta=5.0, item_counts=jnp.asarray(counts))
+  np.testing.assert_allclose(np.asarray(fel["items"]["table_id"]), rows_numpy(np.asarray(a, np.float64)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_engine_server_step_private_tail_and_item_rows_match_numpy():
+  """`Engine.aggregate` with `--server_lr=2 --fellrec_private_tail` and an item table mixed by rows: the
+  shared adapters move to `anchor + 2 (mean - anchor)`, the tail block's adapters stay the client's own,
+  each table row follows the clients' counts of that item (then the same server step)."""
+  import dataclasses
+  from test_memory import SMALL, make_engine
+  eng = make_engine(**SMALL)
+  c, items, d = eng.num_clients, 7, 3
+  eng.cfg = dataclasses.replace(eng.cfg, server_lr=2.0, fellrec_private_tail=True)
+  rng = np.random.default_rng(3)
+  eng.item_counts = rng.integers(0, 3, size=(c, items)).astype(np.float32)
+  state = eng.init_state(jax.random.key(0))
+  draw = lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  lora = dict(jax.tree.map(draw, state.lora), items={"table_id": jnp.asarray(rng.normal(size=(c, items, d)), jnp.float32)})
+  anchor = jax.tree.map(draw, lora)
+  new, _ = eng.aggregate(state.replace(lora=lora), np.ones(c), np.ones(c, bool), 0, anchor)
+
+  w = eng.train_counts.astype(np.float64)
+  last = eng.model_config.num_layers - 1
+  for got, x, a in zip(jax.tree.leaves(new.lora["blocks"]), jax.tree.leaves(lora["blocks"]), jax.tree.leaves(anchor["blocks"])):
+    x, a = np.asarray(x, np.float64), np.asarray(a, np.float64)
+    mean = np.tensordot(w / w.sum(), x[:, :last], axes=1)
+    np.testing.assert_allclose(np.asarray(got)[:, :last], a[:, :last] + 2.0 * (mean[None] - a[:, :last]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[:, last:], x[:, last:])
+  table, start = np.asarray(lora["items"]["table_id"], np.float64), np.asarray(anchor["items"]["table_id"], np.float64)
+  n = np.asarray(eng.item_counts, np.float64) + strategies.ITEM_COUNT_PRIOR
+  rows = np.einsum("jr,jrd->rd", w[:, None] * n, table) / (w[:, None] * n).sum(0)[:, None]
+  np.testing.assert_allclose(np.asarray(new.lora["items"]["table_id"]), start + 2.0 * (rows[None] - start), rtol=1e-4, atol=1e-5)

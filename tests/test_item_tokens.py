@@ -28,8 +28,10 @@ def _setup(num_layers=4, items="table"):
   lora = jax.tree.map(lambda x: x + 0.02, lora)  # B != 0, so every adapter gets a gradient
   frozen = jax.random.normal(jax.random.key(2), (I, D))
   base["items"] = {"input_id": jax.random.normal(jax.random.key(3), (I, D)), "table_id": frozen}
-  lora["items"] = ({"table_id": frozen + 0.1} if items == "table" else
+  lora["items"] = ({"table_id": frozen + 0.1} if items.startswith("table") else
                    {"u_ir": jax.random.normal(jax.random.key(4), (I, 3)), "v_rd": jnp.full((3, D), 0.05)})
+  if items.endswith("+ids"):  # item-ID embeddings added where the client tail starts
+    lora["items"]["embed_id"] = 0.1 * jax.random.normal(jax.random.key(5), (I, D))
   rng = np.random.default_rng(0)
   mask = (np.arange(T) >= np.asarray([[0], [2], [4]])).astype(np.int32)
   batch = {"input_ids": jnp.asarray(rng.integers(0, I, (B, T)) * mask, jnp.int32), "attention_mask": jnp.asarray(mask),
@@ -65,10 +67,10 @@ def test_causal_encoder_positions_ignore_later_items():
   assert not np.allclose(apply(bidirectional, params, ids)[:, 0], apply(bidirectional, params, changed)[:, 0])
 
 
-@pytest.mark.parametrize("k,items", [(1, "table"), (3, "table"), (2, "lowrank")])
+@pytest.mark.parametrize("k,items", [(1, "table"), (3, "table+ids"), (2, "lowrank")])
 def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
   """Frozen item vectors feed the client head; the trainable table (whole, or a low-rank correction of the
-  frozen one) scores on the client tail. Loss and every gradient equal the unsplit model's; with the head's
+  frozen one) scores on the client tail, and item-ID embeddings (`+ids`) join before the last block. Loss and every gradient equal the unsplit model's; with the head's
   activations given (`head_act`, `--cache_head`) the server and tail see the same."""
   config, base, lora, batch = _setup(items=items)
   loss_fn = client.discriminative_loss(config, temperature=0.1)
@@ -89,6 +91,8 @@ def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
   want = split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, frozen_head, batch, None, loss_fn)
   got = split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, frozen_head, cached, None, loss_fn)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  # nothing below the cut trains: the server sends its activations down, and no gradient
+  assert got[3]["up"] == want[3]["up"] and got[3]["down"] == want[3]["down"] / 2
   for g, r in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
     np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6)
 
