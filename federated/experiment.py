@@ -257,7 +257,7 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   held = ({"client_params": resources.count(base), "server_params": 0} if eng.cuts[0] is None
           else resources.param_split(config, base, eng.cuts[0]))
   usage = {"client_params": held["client_params"], "server_params": held["server_params"],
-           "adapter_params_per_client": resources.count(best["blocks"]) // prep.num_clients,
+           "adapter_params_per_client": trained_adapter_params(best["blocks"], eng.cuts if eng.frozen_head else None),
            # client-side state, uploaded for aggregation like the adapters (--item_side=table)
            "item_table_params_per_client": resources.count(best.get("items", {})) // prep.num_clients,
            "bytes_up": float(sum(log["bytes_up"] for log in history)),
@@ -276,6 +276,17 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
                  results["dp"]["delta"], len(history))
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   return results
+
+
+def trained_adapter_params(blocks_c, cuts: list | None) -> int:
+  """Adapter parameters a client trains, averaged over clients: with `--cache_head` (`cuts` given: each
+  training client's k, one for centralized) its head blocks `[0, k)` carry none."""
+  leaves = jax.tree.leaves(blocks_c)
+  num_clients, num_layers = leaves[0].shape[:2]
+  per_layer = sum(int(np.prod(x.shape[2:])) for x in leaves)
+  cut = lambda c: 0 if cuts is None else (cuts[c] if len(cuts) == num_clients else cuts[0]) or 0
+  layers = [num_layers - cut(c) for c in range(num_clients)]
+  return per_layer * sum(layers) // num_clients
 
 
 def dp_summary(cfg: RunConfig, *, rounds: int, num_clients: int) -> dict:

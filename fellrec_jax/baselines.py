@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from fellrec_jax import metrics
+from fellrec_jax.data import pipeline
 from fellrec_jax.data.preprocess import Split
 
 NAMES = ("most_popular", "item_knn", "sasrec")
@@ -301,19 +302,11 @@ def left_pad(seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
 
 
 def training_chunks(train_seqs: Sequence[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """`(inputs [N, max_len], targets [N, max_len])` shifted ids: each sequence is cut from its end into
-  windows of `max_len + 1` items overlapping by one (so every transition is a target exactly once);
-  inputs are a window's first items and targets the next ones, left-padded with 0."""
-  inputs, targets = [], []
-  for seq in train_seqs:
-    seq = np.asarray(seq, np.int64)
-    end = len(seq)
-    while end >= 2:
-      window = seq[max(0, end - max_len - 1):end]
-      inputs.append(window[:-1])
-      targets.append(window[1:])
-      end -= max_len
-  return left_pad(inputs, max_len), left_pad(targets, max_len)
+  """`(inputs [N, max_len], targets [N, max_len])`: the rows of `pipeline.sequence_chunks` (every
+  transition a target exactly once, as the LLM recommender trains) in shifted ids (item + 1, 0 on padding)."""
+  rows = pipeline.sequence_chunks(train_seqs, max_len)
+  shift = lambda ids: np.where(rows.attention_mask > 0, ids + 1, 0).astype(np.int32)
+  return shift(rows.input_ids), shift(rows.target)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "learning_rate", "b2"))

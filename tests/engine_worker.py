@@ -7,8 +7,6 @@ so tests can vary the device count (XLA_FLAGS) and the number of processes (jax.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
 from pathlib import Path
 

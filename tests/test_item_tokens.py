@@ -133,14 +133,15 @@ def test_encoder_item_side_trains_against_the_vectors_evaluation_ranks_by():
 
 
 def test_engine_training_raises_validation_ndcg(tmp_path):
-  """Synthetic data, tiny-bert: validation ndcg@10 of the trained adapters beats the untrained adapters'."""
+  """Synthetic data, tiny-bert, a trainable table and item-ID embeddings: validation ndcg@10 of the trained
+  adapters beats the untrained adapters', and the ranking uses the trained ID embeddings."""
   import engine_worker
   from fellrec_jax.data import prepare_dataset
   from federated import engine, experiment
   cfg = engine_worker.make_config(str(tmp_path), model="tiny-bert", task="discriminative", disc_input="items",
                                   item_side="table", history_len=12, rounds=3, learning_rate=1e-2, batch_size=16,
                                   lora_targets=("q", "v", "up", "down"), split_k=(2,), max_eval_users=None,
-                                  warm_start_steps=0)
+                                  warm_start_steps=0, item_ids=True)
   prep, _ = prepare_dataset("synthetic", num_clients=cfg.num_clients, partition="random", seed=cfg.seed,
                             history_len=cfg.history_len, synthetic_kwargs=engine_worker.SYNTHETIC)
   model = experiment.load_model(cfg, list(prep.titles))
@@ -152,3 +153,6 @@ def test_engine_training_raises_validation_ndcg(tmp_path):
   weights = [len(w) for w in pipeline.heldout_windows(prep, "valid")]
   assert np.average(after, weights=weights) > np.average(before, weights=weights) + 0.05, (before, after)
   assert "ndcg@10" in history[-1]["valid"] and len(history[-1]["valid"]["ndcg@10"]) == cfg.num_clients
+  assert float(jnp.abs(untrained.lora["items"]["embed_id"]).max()) == 0.0  # the text-only model at start
+  without_ids = dict(state.best_lora, items=dict(state.best_lora["items"], embed_id=jnp.zeros_like(state.best_lora["items"]["embed_id"])))
+  assert not np.allclose(eng.valid_metric(without_ids), after)
