@@ -151,7 +151,9 @@ def model_outputs(hidden: bool, batch: Batch) -> dict[str, Any]:
 def cosine_scores(user_bd: jax.Array, items_id: jax.Array) -> jax.Array:
   """Cosine similarities `[..., I]` of users `[..., D]` and items: the score the discriminative evaluation
   ranks by."""
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  # rsqrt of a clamped square norm: `linalg.norm`'s gradient at a zero row (a padded example's mean-pooled
+  # user) is 0/0, a NaN that masking the row's loss afterwards cannot remove
+  unit = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-12))
   return unit(user_bd) @ unit(items_id).T
 
 

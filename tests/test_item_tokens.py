@@ -156,3 +156,16 @@ def test_engine_training_raises_validation_ndcg(tmp_path):
   assert float(jnp.abs(untrained.lora["items"]["embed_id"]).max()) == 0.0  # the text-only model at start
   without_ids = dict(state.best_lora, items=dict(state.best_lora["items"], embed_id=jnp.zeros_like(state.best_lora["items"]["embed_id"])))
   assert not np.allclose(eng.valid_metric(without_ids), after)
+
+
+def test_cosine_gradient_is_finite_at_a_zero_user():
+  """A padded example's mean-pooled user is a zero vector: its masked loss must not turn gradients NaN."""
+  items = jax.random.normal(jax.random.key(0), (5, 4))
+  users = jnp.zeros((2, 4)).at[0].set(jnp.arange(1.0, 5.0))
+  mask = jnp.asarray([1.0, 0.0])
+  loss = lambda u, it: jnp.sum(client.cosine_scores(u, it)[:, 0] * mask)
+  grads = jax.grad(loss, argnums=(0, 1))(users, items)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+  np.testing.assert_allclose(client.cosine_scores(users, items)[0],
+                             np.asarray(items) @ np.arange(1.0, 5.0) / np.linalg.norm(items, axis=1) / np.linalg.norm(np.arange(1.0, 5.0)),
+                             rtol=1e-5)
