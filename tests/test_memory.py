@@ -99,7 +99,12 @@ def measure(params: dict) -> dict:
   state, _ = eng.validate(state)
   jax.block_until_ready(state)
   stages["validate"] = high_water_bytes()
-  return {"estimate": est, "peak": stages["validate"], "stages": stages, "rss_now": resources.process_rss_bytes()}
+  import os
+  import platform
+  machine = {"arch": platform.machine(), "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+             "jax": jax.__version__}
+  return {"estimate": est, "peak": stages["validate"], "stages": stages, "machine": machine,
+          "rss_now": resources.process_rss_bytes()}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -169,7 +174,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(measured_run):
   est, peak = result["estimate"], result["peak"]
   assert est["round_temp"] > est["resident"], est  # the round, not the baseline, is what is measured
   summary = {key: value for key, value in est.items() if key != "programs"}
-  assert abs(est["total"] - peak) / peak <= 0.25, (est["total"] / peak, result["stages"], summary)
+  assert abs(est["total"] - peak) / peak <= 0.25, (est["total"] / peak, result["stages"], result["machine"], summary)
 
 
 if __name__ == "__main__":
