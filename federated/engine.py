@@ -214,7 +214,7 @@ class Engine:
               if self.cfg.fellrec_private_tail else (lambda tree: tree))
     mixed, info = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor),
                                           **rows)
-    if self.cfg.server_lr != 1.0 and self.strategy.name not in ("local", "centralized"):
+    if self.cfg.server_lr != 1.0 and self.strategy.shares:
       # FedOpt's server step: each client moves server_lr times as far toward its aggregate. An average of
       # C clients' few local steps moves about as far as one client's steps, not C clients' worth.
       step = lambda m, a: (a.astype(jnp.float32) + self.cfg.server_lr * (m.astype(jnp.float32) - a)).astype(m.dtype)

@@ -1,6 +1,6 @@
 """Aggregation strategies: small pure functions behind one interface.
 
-A strategy is `Strategy(name, aggregate, local_penalty)`:
+A strategy is `Strategy(name, aggregate, local_penalty, shares)`:
   aggregate(stacked, losses_c, weights_c, participating_c, round_index, anchor[, item_counts_ci])
       -> (stacked, info)
       `stacked` is any pytree whose leaves carry a leading clients axis C; `losses_c` are the clients'
@@ -16,6 +16,8 @@ A strategy is `Strategy(name, aggregate, local_penalty)`:
       toward the clients whose users interacted with it, not toward the average of every client's
       (Adam-normalised) step on it.
   local_penalty(params, anchor) -> scalar added to a client's local loss (FedProx), or None.
+  shares: whether clients exchange parameters (False for local and centralized training: there is no
+      server step to take, `--server_lr` does not apply).
 
 Every client keeps its own parameter copy; FedAvg-style strategies give all clients the same average.
 """
@@ -36,6 +38,7 @@ class Strategy:
   name: str
   aggregate: Callable[..., PyTree]
   local_penalty: Callable[[PyTree, PyTree], jax.Array] | None = None
+  shares: bool = True
 
 
 # Leaves of `stacked["items"]` whose axis 1 indexes items: the full table `[C, I, D]`, the item factor
@@ -44,6 +47,12 @@ ITEM_ROW_LEAVES = ("table_id", "u_ir", "embed_id")
 # A client's weight on an item it never trained on, relative to one training example of it: rows no
 # participating client has seen fall back to the plain mixing weights.
 ITEM_COUNT_PRIOR = 1e-3
+
+
+def without_items(tree: PyTree) -> PyTree:
+  """`tree` without its trainable item rows (`tree["items"]`): the model's adapters."""
+  has_items = isinstance(tree, dict) and "items" in tree
+  return {key: x for key, x in tree.items() if key != "items"} if has_items else tree
 
 
 def mix(stacked: PyTree, weights_cc: jax.Array, item_counts_ci: jax.Array | None = None) -> PyTree:
@@ -55,13 +64,14 @@ def mix(stacked: PyTree, weights_cc: jax.Array, item_counts_ci: jax.Array | None
   a = weights_cc.astype(jnp.float32)
   plain = lambda x: jnp.einsum("ij,j...->i...", a / jnp.sum(a, axis=1, keepdims=True),
                                x.astype(jnp.float32)).astype(x.dtype)
-  if item_counts_ci is None or not (isinstance(stacked, dict) and "items" in stacked):
+  adapters = without_items(stacked)
+  if item_counts_ci is None or adapters is stacked:
     return jax.tree.map(plain, stacked)
   w_cci = a[:, :, None] * (item_counts_ci.astype(jnp.float32) + ITEM_COUNT_PRIOR)[None]
   w_cci = w_cci / jnp.sum(w_cci, axis=1, keepdims=True)
   by_rows = lambda x: jnp.einsum("ijr,jr...->ir...", w_cci, x.astype(jnp.float32)).astype(x.dtype)
   items = {name: (by_rows if name in ITEM_ROW_LEAVES else plain)(x) for name, x in stacked["items"].items()}
-  return jax.tree.map(plain, {key: x for key, x in stacked.items() if key != "items"}) | {"items": items}
+  return jax.tree.map(plain, adapters) | {"items": items}
 
 
 def gram_matrix(stacked: PyTree) -> jax.Array:
@@ -110,9 +120,9 @@ def fellrec_weights(stacked: PyTree, losses_c, round_index, *, alpha: float, bet
   """
   if variant not in ("code", "paper"):
     raise ValueError(f"unknown FELLRec variant {variant!r}; expected 'code' or 'paper'")
-  model = lambda tree: ({key: x for key, x in tree.items() if key != "items"}
-                        if isinstance(tree, dict) and "items" in tree else tree)
-  compared = model(stacked) if reference is None else jax.tree.map(jnp.subtract, model(stacked), model(reference))
+  compared = without_items(stacked)
+  if reference is not None:
+    compared = jax.tree.map(jnp.subtract, compared, without_items(reference))
   s = parameter_similarity(compared)
   w = warm_weights(losses_c, round_index, alpha=alpha, beta=beta, temperature=temperature, variant=variant,
                    participating_c=participating_c)
@@ -185,7 +195,7 @@ def make_strategy(name: str, *, fellrec_alpha: float = 0.7, fellrec_beta: float 
   if name == "fedprox":
     return Strategy("fedprox", fedavg, proximal_penalty(fedprox_mu))
   if name in ("local", "centralized"):
-    return Strategy(name, keep)
+    return Strategy(name, keep, shares=False)
   raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGY_NAMES}")
 
 
