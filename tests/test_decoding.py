@@ -143,3 +143,110 @@ def test_lora_changes_generation_and_matches_reference(model, prompts):
   tokens = models.greedy(config, params, ids_bt, mask_bt, max_new_tokens=N, pad_id=PAD, lora=lora)
   assert (np.asarray(tokens) != np.asarray(base)).any()
   np.testing.assert_array_equal(tokens, reference_greedy(config, params, ids_bt, mask_bt, lora=lora))
+
+
+# ----------------------------------------------------------------------------- constrained to a catalogue
+
+EOS = 3
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+  """Twelve item responses over a five-token alphabet (so they share prefixes), each ending in EOS;
+  items 10 and 11 have equal responses (a repeated title)."""
+  rng = np.random.default_rng(0)
+  seqs = set()
+  while len(seqs) < 11:
+    seqs.add(tuple(rng.choice([5, 6, 7, 8, 9], size=rng.integers(1, 5)).tolist()) + (EOS,))
+  seqs = sorted(seqs, key=lambda s: (len(s), s))
+  return [list(s) for s in seqs] + [list(seqs[-1])]
+
+
+def reference_logprobs(config, params, ids_bt, mask_bt, sequences):
+  """`[B, I]` uncached: the sum of the logprobs of each sequence's tokens after each prompt."""
+  b, t = ids_bt.shape
+  width = max(len(s) for s in sequences)
+  out = np.zeros((b, len(sequences)))
+  for i, seq in enumerate(sequences):
+    tokens = np.zeros((b, width), np.int32)
+    tokens[:, :len(seq)] = seq
+    logprobs = np.asarray(jax.nn.log_softmax(_apply(config, params, np.concatenate([ids_bt, tokens], 1),
+                                                    np.concatenate([mask_bt, np.ones_like(tokens)], 1), None)))
+    out[:, i] = sum(logprobs[:, t - 1 + j, token] for j, token in enumerate(seq))
+  return out
+
+
+def test_trie_holds_every_sequence(catalogue):
+  trie = models.build_trie(catalogue, EOS)
+  assert trie.depth == max(map(len, catalogue)) and trie.edge_token_e.shape == (trie.edge_node_e.shape[0],)
+  for i, seq in enumerate(catalogue):
+    node = 0
+    for token in seq:
+      edges = range(trie.child_start_n[node], trie.child_start_n[node] + trie.child_count_n[node])
+      assert list(trie.edge_token_e[edges]) == sorted(trie.edge_token_e[edges])
+      node = {int(trie.edge_token_e[e]): int(trie.edge_node_e[e]) for e in edges}[token]
+      assert i in trie.item_p[trie.lo_n[node]:trie.hi_n[node]]
+    assert trie.child_count_n[node] == 0  # a leaf
+    assert sorted(trie.item_p[trie.lo_n[node]:trie.hi_n[node]]) == [j for j, s in enumerate(catalogue) if s == seq]
+  with pytest.raises(ValueError, match="sequence 1 must end in eos_id=3"):
+    models.build_trie([[5, EOS], [5, EOS, 6]], EOS)
+
+
+def test_exhaustive_constrained_beams_rank_every_item_by_logprob(model, prompts, catalogue):
+  """With as many beams as items nothing is pruned, so the result is the catalogue sorted by exact
+  sequence logprob; the repeated title yields its first item only, so one slot stays empty."""
+  config, params = model
+  ids_bt, mask_bt = prompts
+  items, scores = models.constrained_beam_search(
+      config, params, ids_bt, mask_bt, models.build_trie(catalogue, EOS), np.zeros((3, 12), bool),
+      num_beams=12, eos_id=EOS)
+  reference = reference_logprobs(config, params, ids_bt, mask_bt, catalogue)[:, :11]
+  np.testing.assert_array_equal(np.asarray(items)[:, :11], np.argsort(-reference, axis=1, kind="stable"))
+  np.testing.assert_allclose(np.asarray(scores)[:, :11], -np.sort(-reference, axis=1), rtol=1e-4)
+  assert (np.asarray(items)[:, 11] == -1).all() and (np.asarray(scores)[:, 11] == -np.inf).all()
+
+
+def test_one_constrained_beam_is_greedy_in_the_trie(model, prompts, catalogue):
+  """A plain loop: at each step the most likely token among those that continue a kept item."""
+  config, params = model
+  ids_bt, mask_bt = prompts
+  exclude = np.zeros((3, 12), bool)
+  exclude[1, [2, 4, 7]] = True
+  items, _ = models.constrained_beam_search(config, params, ids_bt, mask_bt, models.build_trie(catalogue, EOS),
+                                            exclude, num_beams=1, eos_id=EOS)
+  for b in range(3):
+    kept = [s for i, s in enumerate(catalogue) if not exclude[b, i]]
+    prefix = []
+    while not prefix or prefix[-1] != EOS:
+      ids = np.concatenate([ids_bt[b], np.asarray(prefix, np.int32)])[None]
+      logits = np.asarray(_apply(config, params, ids, np.ones_like(ids) * np.concatenate(
+          [mask_bt[b], np.ones(len(prefix), np.int32)])[None], None))[0, -1]
+      allowed = sorted({s[len(prefix)] for s in kept if s[:len(prefix)] == prefix})
+      prefix.append(allowed[int(np.argmax(logits[allowed]))])
+    assert catalogue[int(items[b, 0])] == prefix
+
+
+def test_excluded_items_never_appear(model, prompts, catalogue):
+  """With few beams excluded items never surface; with as many beams as items the result is the
+  reference ranking of the kept items (the repeated title yields its kept item)."""
+  config, params = model
+  ids_bt, mask_bt = prompts
+  trie = models.build_trie(catalogue, EOS)
+  reference = reference_logprobs(config, params, ids_bt, mask_bt, catalogue)
+  exclude = np.zeros((3, 12), bool)
+  exclude[0, np.argsort(-reference[0])[:2]] = True  # the two best
+  exclude[1, :] = True
+  exclude[1, [1, 11]] = False                       # two items left; 11 is the second of the repeated title
+  exclude[2, 10] = True                             # the first of the repeated title
+  for beams in (4, 12):
+    items, scores = map(np.asarray, models.constrained_beam_search(config, params, ids_bt, mask_bt, trie, exclude,
+                                                                   num_beams=beams, eos_id=EOS))
+    for b in range(3):
+      found = items[b][items[b] >= 0]
+      assert not exclude[b, found].any() and len(set(found)) == len(found)
+    assert sorted(items[1, :2]) == [1, 11] and (items[1, 2:] == -1).all() and np.isinf(scores[1, 2:]).all()
+  for b in range(3):
+    kept = [i for i in np.argsort(-reference[b], kind="stable") if not exclude[b, i] and i != 10]
+    if not exclude[b, 10]:  # item 10 stands first for the repeated title
+      kept = [10 if i == 11 else i for i in kept]
+    np.testing.assert_array_equal(items[b, :len(kept)], kept)
