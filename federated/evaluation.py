@@ -41,6 +41,7 @@ import numpy as np
 
 import models
 from fellrec_jax import baselines, metrics
+from fellrec_jax.config import DECODINGS
 from fellrec_jax.data import PreparedData, examples
 from federated import client
 from models import transformer as tfm
@@ -96,15 +97,21 @@ text_representations = jax.jit(models.sequence_representation, static_argnames="
 
 def embed_texts(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, texts: Sequence[str], *,
                 lora: tfm.Params | None = None, batch_size: int = 256, width: int | None = None) -> np.ndarray:
-  """`[N, D]` float32 `text_representations` of `texts` in `[min(batch_size, N), width]` batches (`width`
-  defaults to the longest row rounded up to 16; pass it to keep shapes fixed across calls)."""
+  """`[N, D]` float32 `text_representations` of `texts` in batches of `min(batch_size, N)`. With `width`
+  every batch is `[B, width]` (one compiled shape across calls); without it the rows go in length order,
+  each batch as wide as its longest row rounded up to 16, so a few long texts do not pad every batch."""
   rows = text_rows(config, tokenizer, texts, config.max_positions)
-  width = max(width or 0, _round_up(max((len(r) for r in rows), default=1)))
-  out = []
-  for idx in _batch_indices(len(rows), max(1, min(batch_size, len(rows)))):
-    ids, mask = _pad_batch(config, [rows[i] for i in idx], tokenizer.pad_id, width)
-    out.append(np.asarray(text_representations(config, base, ids, mask, lora)))
-  return np.concatenate(out)[:len(rows)] if out else np.zeros((0, config.hidden_size), np.float32)
+  if not rows:
+    return np.zeros((0, config.hidden_size), np.float32)
+  order = np.arange(len(rows)) if width else np.argsort([len(r) for r in rows], kind="stable")
+  out = np.zeros((len(rows), config.hidden_size), np.float32)
+  size = max(1, min(batch_size, len(rows)))
+  for start, idx in zip(range(0, len(rows), size), _batch_indices(len(rows), size)):
+    batch = [rows[i] for i in order[idx]]
+    ids, mask = _pad_batch(config, batch, tokenizer.pad_id, max(width or 0, _round_up(max(map(len, batch)))))
+    real = order[start:start + size]  # the last batch's filler rows are not written back
+    out[real] = np.asarray(text_representations(config, base, ids, mask, lora))[:len(real)]
+  return out
 
 
 def item_embeddings(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, titles: Sequence[str], *,
@@ -231,38 +238,66 @@ def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Para
   return metrics.summarize(per_client)
 
 
+def catalogue_trie(tokenizer: Tokenizer, titles: Sequence[str]) -> models.Trie:
+  """The trie of every item's response as training tokenizes it: `encode('"Title"') + [eos]`."""
+  if tokenizer.eos_id is None:
+    raise ValueError("constrained decoding needs a tokenizer with an eos token: it ends every catalogue response")
+  return models.build_trie([tokenizer.encode(examples.quoted(t)) + [tokenizer.eos_id] for t in titles],
+                           tokenizer.eos_id)
+
+
 def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,
                         lora_c: tfm.Params | None, prep: PreparedData, part: str, *,
-                        ks: Sequence[int] = metrics.DEFAULT_KS, num_beams: int = 4, max_new_tokens: int = 32,
-                        batch_size: int = 64, max_users: int | None = None, item_emb: np.ndarray | None = None
-                        ) -> dict:
-  """BIGRec evaluation of each client's adapter on its own users (see the module docstring).
+                        ks: Sequence[int] = metrics.DEFAULT_KS, decoding: str = "l2", num_beams: int = 4,
+                        max_new_tokens: int = 32, batch_size: int = 64, max_users: int | None = None,
+                        item_emb: np.ndarray | None = None) -> dict:
+  """Generative evaluation of each client's adapter on its own users.
+
+  decoding "l2" (BIGRec, see the module docstring): the best of `num_beams` beams, grounded by L2
+  distance. "constrained": `models.constrained_beam_search` over the trie of the catalogue's responses
+  with each user's excluded items removed: the `num_beams` finished beams, by sequence logprob, are the
+  ranking, so metrics at K > `num_beams` count only those items.
 
   Args:
     lora_c: adapters with a leading clients axis C (client c uses `x[c]`), or None for the base model.
     part: "valid" or "test".
     max_users: evaluate only each client's first users.
-    item_emb: `[I, D]` from `item_embeddings`, computed here when None.
+    item_emb: `[I, D]` from `item_embeddings` (L2 grounding), computed here when None.
   Returns:
     `{"overall": {metric, "test_users"}, "clients": [{metric, "test_users"}], "balance": {metric: {std,
     min, max, range, cv}}}` for metrics recall/ndcg/hr @ ks ("test_users" counts the `part` users).
   """
   if not config.is_decoder:
     raise ValueError("generative evaluation needs a decoder; use evaluate_discriminative for encoders")
-  if item_emb is None:
-    item_emb = item_embeddings(config, base, tokenizer, prep.titles)
-  # Re-encoded responses rarely exceed the generated tokens; a fixed width keeps one compiled shape.
-  response_width = _round_up(max_new_tokens + 1)
+  if decoding not in DECODINGS:
+    raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+  if decoding == "constrained":
+    trie = catalogue_trie(tokenizer, prep.titles)
 
-  def ranker(lora):
-    def rank(ids_bt, mask_bt, exclude_bi):
-      texts = generate_responses(config, base, tokenizer, lora, ids_bt, mask_bt, num_beams=num_beams,
-                                 max_new_tokens=max_new_tokens)
-      return ground(config, base, tokenizer, texts, item_emb, prep.titles, exclude_bi, max(ks), width=response_width)[0]
-    return rank
+    def ranker(lora):
+      def rank(ids_bt, mask_bt, exclude_bi):
+        return np.asarray(models.constrained_beam_search(config, base, ids_bt, mask_bt, trie, exclude_bi,
+                                                         num_beams=num_beams, eos_id=tokenizer.eos_id, lora=lora)[0])
+      return rank
 
+    max_prompt_len = config.max_positions - trie.depth
+  else:
+    if item_emb is None:
+      item_emb = item_embeddings(config, base, tokenizer, prep.titles)
+    # Re-encoded responses rarely exceed the generated tokens; a fixed width keeps one compiled shape.
+    response_width = _round_up(max_new_tokens + 1)
+
+    def ranker(lora):
+      def rank(ids_bt, mask_bt, exclude_bi):
+        texts = generate_responses(config, base, tokenizer, lora, ids_bt, mask_bt, num_beams=num_beams,
+                                   max_new_tokens=max_new_tokens)
+        return ground(config, base, tokenizer, texts, item_emb, prep.titles, exclude_bi, max(ks),
+                      width=response_width)[0]
+      return rank
+
+    max_prompt_len = config.max_positions - max_new_tokens
   return _evaluate(config, tokenizer, lora_c, prep, part, ks=ks, batch_size=batch_size, max_users=max_users,
-                   max_prompt_len=config.max_positions - max_new_tokens, ranker=ranker)
+                   max_prompt_len=max_prompt_len, ranker=ranker)
 
 
 # ----------------------------------------------------------------------------- discriminative

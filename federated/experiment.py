@@ -210,11 +210,14 @@ def validation_metric(cfg: RunConfig, model, prep, item_emb: np.ndarray, lora_c)
 
 # ----------------------------------------------------------------------------- evaluation and results
 
-def evaluate(cfg: RunConfig, model, lora_c, prep, part: str, item_emb: np.ndarray) -> dict:
+def evaluate(cfg: RunConfig, model, lora_c, prep, part: str, item_emb: np.ndarray | None,
+             decoding: str | None = None) -> dict:
+  """`part`'s ranking metrics of `lora_c`; generative runs decode with `decoding` (default: `--decoding`'s first)."""
   config, base, tokenizer = model
   kwargs = dict(ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, max_users=cfg.max_eval_users, item_emb=item_emb)
   if cfg.task == "generative":
-    return evaluation.evaluate_generative(config, base, tokenizer, lora_c, prep, part, num_beams=cfg.num_beams,
+    return evaluation.evaluate_generative(config, base, tokenizer, lora_c, prep, part,
+                                          decoding=decoding or cfg.decoding[0], num_beams=cfg.num_beams,
                                           max_new_tokens=cfg.max_new_tokens, **kwargs)
   return evaluation.evaluate_discriminative(task_config(cfg, config), base, tokenizer, lora_c, prep, part,
                                             item_side=cfg.item_side, item_tokens=cfg.disc_input == "items",
@@ -228,7 +231,7 @@ def with_primary_balance(result: dict, metric: str = "ndcg@10") -> dict:
   return dict(result, balance={"metric": primary, **per_metric[primary], "per_metric": per_metric})
 
 
-def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb: np.ndarray,
+def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb: np.ndarray | None,
                  references: dict[str, dict]) -> dict[str, Any]:
   """Trains one strategy, evaluates each client's best adapter on its test users, writes results.json
   (with the conventional `references` rows of `reference_rows`)."""
@@ -251,6 +254,12 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
     best = engine_lib.stack_clients(jax.tree.map(lambda x: x[0], best), prep.num_clients)
   test = with_primary_balance(evaluate(cfg, model, best, prep, "test", item_emb))
   logging.info("[%s] test per client:\n%s", name, report.client_table(test))
+  by_decoding = {}
+  if cfg.task == "generative" and len(cfg.decoding) > 1:
+    by_decoding = {cfg.decoding[0]: test} | {
+        d: with_primary_balance(evaluate(cfg, model, best, prep, "test", item_emb, d)) for d in cfg.decoding[1:]}
+    for d, result in by_decoding.items():
+      logging.info("[%s] test with --decoding=%s: %s", name, d, {m: round(v, 4) for m, v in result["overall"].items()})
   writer.scalars("test", test["overall"], len(history))
   writer.close()
   seconds = [log["seconds"] for log in history]
@@ -270,6 +279,8 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   results = {"config": dataclasses.asdict(cfg), "strategy": name, "rounds": history, "test": test,
              "resources": usage, "baselines": {n: r["overall"] for n, r in references.items()},
              "baselines_fit": {n: r["fit"] for n, r in references.items()}}
+  if by_decoding:
+    results["test_by_decoding"] = {d: {"overall": r["overall"], "balance": r["balance"]} for d, r in by_decoding.items()}
   if cfg.dp_clip is not None:
     results["dp"] = dp_summary(cfg, rounds=len(history), num_clients=eng.num_clients)
     logging.info("[%s] DP: epsilon %.3g at delta %.2g after %d rounds", name, results["dp"]["epsilon"],
@@ -307,7 +318,9 @@ def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "data_stats.json").write_text(json.dumps(stats, indent=1))
   model = load_model(cfg, list(prep.titles))
-  item_emb = evaluation.item_embeddings(model[0], model[1], model[2], prep.titles)
+  # Generative runs need title embeddings only to ground generations by L2 distance.
+  needs_item_emb = cfg.task == "discriminative" or "l2" in cfg.decoding
+  item_emb = evaluation.item_embeddings(model[0], model[1], model[2], prep.titles) if needs_item_emb else None
   references = reference_rows(cfg, prep)
   out = {}
   for name in cfg.strategies:

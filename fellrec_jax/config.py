@@ -11,6 +11,7 @@ import dataclasses
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
 BASELINES = ("item_knn", "sasrec")  # conventional reference rows; most-popular is always computed
 MODES = ("train", "prepare", "resources", "attack")
+DECODINGS = ("l2", "constrained")  # generative evaluation: BIGRec's L2 grounding, or beams in the catalogue trie
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,7 @@ class RunConfig:
   eval_batch_size: int = 32
   metric_ks: tuple[int, ...] = (5, 10, 20)
   baselines: tuple[str, ...] = BASELINES
+  decoding: tuple[str, ...] = ("l2",)  # the first ranks test and valid; the others are also reported on test
   num_beams: int = 4
   max_new_tokens: int = 32
   profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
@@ -106,7 +108,8 @@ class RunConfig:
   def __post_init__(self):
     def need(ok: bool, flag: str, msg: str):
       if not ok:
-        raise ConfigError(f"--{flag}={getattr(self, flag)!r}: {msg}")
+        value = getattr(self, flag)
+        raise ConfigError(f"--{flag}={','.join(map(str, value)) if isinstance(value, tuple) else repr(value)}: {msg}")
 
     need(self.mode in MODES, "mode", f"expected one of {MODES}")
     for s in self.strategies:
@@ -183,6 +186,11 @@ class RunConfig:
     need(all(0 <= r < self.rounds for r in self.profile_rounds), "profile_rounds",
          f"give 0-based rounds in [0, --rounds={self.rounds})")
     need(self.num_beams >= 1, "num_beams", "must be >= 1")
+    need(len(self.decoding) > 0 and len(set(self.decoding)) == len(self.decoding)
+         and all(d in DECODINGS for d in self.decoding), "decoding", f"give distinct values of {DECODINGS}")
+    need("constrained" not in self.decoding or self.num_beams >= max(self.metric_ks), "num_beams",
+         f"--decoding=constrained ranks the {self.num_beams} finished beams: give --num_beams >= max(--metric_ks)"
+         f" = {max(self.metric_ks)}, or lower --metric_ks")
     need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")

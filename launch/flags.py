@@ -65,7 +65,13 @@ HELP = {
                  "on the same users and masking, in results.json['baselines'] and comparison.md: item_knn, sasrec "
                  "(most-popular is always there); empty for none.",
     "metric_ks": "Comma list of cut-offs K for recall@K, ndcg@K, hr@K.",
-    "num_beams": "Beams for generative evaluation (BIGRec used 4).",
+    "decoding": "Comma list of generative evaluations; the first selects and fills the test table, the others "
+                "are reported beside it on the same adapters (results.json test_by_decoding). l2: BIGRec, the best "
+                "beam's text grounded to the nearest title embedding; constrained: beam search inside the trie "
+                "of the catalogue's titles minus the user's excluded items, the --num_beams finished beams (by "
+                "sequence logprob) being the ranking.",
+    "num_beams": "Beams for generative evaluation (BIGRec used 4); with --decoding=constrained, the ranking's "
+                 "length.",
     "max_new_tokens": "Maximum generated tokens per response in generative evaluation.",
     "warm_start_steps": "tiny-llama/tiny-bert only: steps fitting the random base to the public item titles "
                         "(never to user data) so it can spell titles; 0 keeps it random.",

@@ -74,6 +74,11 @@ def _plural(noun: str) -> str:
   return noun if noun.endswith("s") else noun + "s"
 
 
+def quoted(title: str) -> str:
+  """A title as BIGRec writes it in prompts and responses."""
+  return f'"{title}"'
+
+
 def bigrec_prompt(history_titles: Sequence[str], target_title: str | None, noun: str = "item") -> dict:
   """BIGRec instruction record: {"instruction", "input", "output"} ("output" is "" without target).
   Titles are double-quoted and comma-separated, oldest first; the output is the quoted title."""
@@ -82,8 +87,8 @@ def bigrec_prompt(history_titles: Sequence[str], target_title: str | None, noun:
       "instruction": f"Given a list of {nouns} the user has interacted with before, please recommend a "
                      f"new {noun} that the user likes to the user.",
       "input": f"The user has interacted with the following {nouns} before: "
-               + ", ".join(f'"{t}"' for t in history_titles),
-      "output": "" if target_title is None else f'"{target_title}"',
+               + ", ".join(map(quoted, history_titles)),
+      "output": "" if target_title is None else quoted(target_title),
   }
 
 
