@@ -58,8 +58,11 @@ REFERENCE_NAMES = {"most_popular": "most-popular", "item_knn": "item-kNN", "sasr
 def comparison_table(results: Mapping[str, Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]]) -> str:
   """Overall metrics and client balance (std, min, cv of the primary metric) per strategy, then the
   conventional reference rows (most-popular, item-kNN, SASRec) on the same split, users and masking."""
-  rows = {**{name: r["test"] for name, r in results.items()},
-          **{f"{REFERENCE_NAMES.get(n, n)} (reference)": ref for n, ref in references.items()}}
+  rows = {}
+  for name, r in results.items():  # a generative run's other decodings of the same adapters follow its row
+    rows[name] = r["test"]
+    rows |= {f"{name}, --decoding={d}": t for d, t in list(r.get("test_by_decoding", {}).items())[1:]}
+  rows |= {f"{REFERENCE_NAMES.get(n, n)} (reference)": ref for n, ref in references.items()}
   floor = references["most_popular"]
   names = _metrics(floor)
   primary = floor["balance"]["metric"]
