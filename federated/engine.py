@@ -286,8 +286,10 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
     round_key = jax.random.fold_in(jax.random.key(cfg.seed), r)
     anchor = state.lora
+    train_start = time.perf_counter()
     state, stats = engine.local_training(state, batches, round_key)
     stats = sharding.to_host(stats)
+    train_seconds = time.perf_counter() - train_start
     losses = stats["loss"]
     dp_norms = None
     if cfg.dp_clip is not None:  # clients upload clipped, noised updates; aggregation only sees those
@@ -296,7 +298,9 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
       state = state.replace(lora=lora)
     log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(losses).tolist(),
            "bytes_up": float(np.sum(stats["bytes_up"])), "bytes_down": float(np.sum(stats["bytes_down"])),
-           "local_steps": np.asarray(stats["steps"]).tolist()}
+           "local_steps": np.asarray(stats["steps"]).tolist(),
+           # the real (unpadded) input tokens every client trained on; the seconds include a first round's compile
+           "train_tokens": int(np.sum(batches["attention_mask"])), "train_seconds": train_seconds}
     if dp_norms is not None:
       log["dp_update_norm"] = sharding.to_host(dp_norms).tolist()
     state, info = engine.aggregate(state, losses, participating, r, anchor)

@@ -141,7 +141,7 @@ def excluded_items(prep: PreparedData, windows: examples.Windows, part: str) -> 
 
 
 def _prompts(prep: PreparedData, windows: examples.Windows) -> list[str]:
-  return [examples.prompt_text(r)[0] for r in examples.window_records(windows, prep.titles, prep.dataset.item_noun)]
+  return [prompt for prompt, _ in prep.prompts(windows)]
 
 
 def _all_clients(prep: PreparedData, part: str, max_users: int | None

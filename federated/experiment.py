@@ -24,11 +24,12 @@ from models.warm_start import fit_causal_lm
 
 
 def prepare(cfg: RunConfig):
-  return prepare_dataset(
+  prep, stats = prepare_dataset(
       cfg.dataset, cfg.data_dir, num_clients=cfg.num_clients, partition=cfg.partition, split=cfg.split,
       seed=cfg.seed, history_len=cfg.history_len, k_core=cfg.k_core, min_rating=cfg.min_rating,
       max_train_samples=cfg.max_train_samples, dirichlet_alpha=cfg.dirichlet_alpha,
       mapping_file=cfg.mapping_file, skip_bad_lines=cfg.skip_bad_lines, bpr_steps=cfg.bpr_steps)
+  return dataclasses.replace(prep, prompt_template=examples.TEMPLATES[cfg.prompt]), stats
 
 
 def lora_config(cfg: RunConfig) -> models.LoraConfig:
@@ -45,7 +46,7 @@ def load_model(cfg: RunConfig, titles: list[str]):
   """
   lora = lora_config(cfg)
   tiny = cfg.model in ("tiny-llama", "tiny-bert")
-  corpus = list(titles) + [examples.ALPACA_TEMPLATE]
+  corpus = list(titles) + [examples.ALPACA_TEMPLATE]  # holds every template's text
   config, params, tokenizer = models.load(cfg.model, dtype=cfg.dtype, lora=lora, remat=cfg.remat,
                                           **({"seed": cfg.seed, "corpus": corpus} if tiny else {}))
   if tokenizer is None:
@@ -81,10 +82,9 @@ def catalogue_rows(tokenizer, titles: list[str], max_len: int, *, seed: int, num
 
 # ----------------------------------------------------------------------------- per-task examples
 
-def _prompt_examples(cfg, config, tokenizer, windows_per_client, titles, noun) -> list[pipeline.PromptExamples]:
+def _prompt_examples(cfg, config, tokenizer, windows_per_client, prep) -> list[pipeline.PromptExamples]:
   """Discriminative examples: each window's prompt tokenized as the evaluation embeds it, plus its target."""
-  rows = [evaluation.text_rows(config, tokenizer,
-                               [examples.prompt_text(r)[0] for r in examples.window_records(w, titles, noun)],
+  rows = [evaluation.text_rows(config, tokenizer, [prompt for prompt, _ in prep.prompts(w)],
                                min(cfg.cutoff_len, config.max_positions)) for w in windows_per_client]
   seq_len = -(-max((len(r) for rs in rows for r in rs), default=1) // 8) * 8
   return [pipeline.PromptExamples.from_rows(rs, w.target, seq_len=seq_len, pad_id=tokenizer.pad_id,
@@ -112,11 +112,9 @@ def task_examples(cfg: RunConfig, config, tokenizer, prep) -> tuple[list, list]:
   if cfg.disc_input == "items":
     return (pipeline.item_sequence_clients(prep, cfg.history_len),
             pipeline.heldout_item_clients(prep, "valid", cfg.max_eval_users))
-  noun = prep.dataset.item_noun
   train = [prep.client_windows(c) for c in range(prep.num_clients)]
-  return (_prompt_examples(cfg, config, tokenizer, train, prep.titles, noun),
-          _prompt_examples(cfg, config, tokenizer, pipeline.heldout_windows(prep, "valid", cfg.max_eval_users),
-                           prep.titles, noun))
+  return (_prompt_examples(cfg, config, tokenizer, train, prep),
+          _prompt_examples(cfg, config, tokenizer, pipeline.heldout_windows(prep, "valid", cfg.max_eval_users), prep))
 
 
 def task_config(cfg: RunConfig, config: models.ModelConfig) -> models.ModelConfig:
@@ -242,8 +240,9 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
 
   def on_round(log):
     valid = ", ".join(f"valid {k[5:]} {v:.4f}" for k, v in log.get("valid", {}).items() if k.startswith("mean_"))
-    logging.info("[%s] round %d: train loss %s%s, %.1fs", name, log["round"],
-                 np.round(log["train_loss"], 3).tolist(), valid and ", " + valid, log["seconds"])
+    logging.info("[%s] round %d: train loss %s%s, %.1fs (training %.0f tokens/s)", name, log["round"],
+                 np.round(log["train_loss"], 3).tolist(), valid and ", " + valid, log["seconds"],
+                 log["train_tokens"] / log["train_seconds"])
     with open(workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(log) + "\n")
     writer.round(log)

@@ -99,6 +99,7 @@ class RunConfig:
   baselines: tuple[str, ...] = BASELINES
   decoding: tuple[str, ...] = ("l2",)  # the first ranks test and valid; the others are also reported on test
   num_beams: int = 4
+  prompt: str = "alpaca"  # examples.TEMPLATES
   max_new_tokens: int = 32
   profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
   # scale-out
@@ -186,6 +187,7 @@ class RunConfig:
     need(all(0 <= r < self.rounds for r in self.profile_rounds), "profile_rounds",
          f"give 0-based rounds in [0, --rounds={self.rounds})")
     need(self.num_beams >= 1, "num_beams", "must be >= 1")
+    need(self.prompt in ("alpaca", "compact"), "prompt", "expected 'alpaca' or 'compact'")
     need(len(self.decoding) > 0 and len(set(self.decoding)) == len(self.decoding)
          and all(d in DECODINGS for d in self.decoding), "decoding", f"give distinct values of {DECODINGS}")
     need("constrained" not in self.decoding or self.num_beams >= max(self.metric_ks), "num_beams",

@@ -227,12 +227,12 @@ class PromptExamples:
 ClientExamples = TokenizedExamples | ItemSequences | PromptExamples
 
 
-def tokenize_clients(records: Sequence[Sequence[dict]], tokenizer: Tokenizer, *, cutoff: int = 512,
+def tokenize_clients(prompts: Sequence[Sequence[tuple[str, str]]], tokenizer: Tokenizer, *, cutoff: int = 512,
                      train_on_inputs: bool = False, pad_multiple: int = 8) -> list[TokenizedExamples]:
-  """Tokenized instruction records per client. T = the longest example over all clients rounded up
+  """Tokenized (prompt, response) pairs per client. T = the longest example over all clients rounded up
   to `pad_multiple` (and at most `cutoff`), R = the most targets of any example likewise (at most T-1);
   both the same for every client so batches stack."""
-  per_client = [[tokenize(tokenizer, *examples_lib.prompt_text(r), cutoff=cutoff) for r in recs] for recs in records]
+  per_client = [[tokenize(tokenizer, *pair, cutoff=cutoff) for pair in pairs] for pairs in prompts]
   round_up = lambda n: -(-n // pad_multiple) * pad_multiple
   longest = max((len(ids) for toks in per_client for ids, _ in toks), default=2)
   seq_len = min(cutoff, round_up(longest))
@@ -252,9 +252,8 @@ def tokenize_clients(records: Sequence[Sequence[dict]], tokenizer: Tokenizer, *,
 
 def generative_clients(prep: PreparedData, tokenizer: Tokenizer, **kwargs) -> list[TokenizedExamples]:
   """Tokenized BIGRec training prompts per client (`tokenize_clients` keyword arguments)."""
-  records = [examples_lib.window_records(prep.client_windows(c), prep.titles, prep.dataset.item_noun)
-             for c in range(prep.num_clients)]
-  return tokenize_clients(records, tokenizer, **kwargs)
+  return tokenize_clients([prep.prompts(prep.client_windows(c)) for c in range(prep.num_clients)], tokenizer,
+                          **kwargs)
 
 
 def heldout_windows(prep: PreparedData, part: str, max_users: int | None = None) -> list[examples_lib.Windows]:
@@ -272,9 +271,7 @@ def heldout_clients(prep: PreparedData, tokenizer: Tokenizer, part: str, *, max_
                     **kwargs) -> list[TokenizedExamples]:
   """Per client, `heldout_windows` prompts answered with the first target's title: the held-out
   language-model loss."""
-  records = [examples_lib.window_records(w, prep.titles, prep.dataset.item_noun)
-             for w in heldout_windows(prep, part, max_users)]
-  return tokenize_clients(records, tokenizer, **kwargs)
+  return tokenize_clients([prep.prompts(w) for w in heldout_windows(prep, part, max_users)], tokenizer, **kwargs)
 
 
 def item_sequence_clients(prep: PreparedData, seq_len: int) -> list[ItemSequences]:

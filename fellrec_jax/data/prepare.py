@@ -32,6 +32,7 @@ class PreparedData:
     clients: [U] int32 client of each user.
     num_clients: C.
     train: all training windows (after the sample cap), across clients.
+    prompt_template: how `examples.prompt_text` renders their prompts (`examples.TEMPLATES`).
   """
 
   dataset: Dataset
@@ -39,6 +40,12 @@ class PreparedData:
   clients: np.ndarray
   num_clients: int
   train: examples_lib.Windows
+  prompt_template: str = examples_lib.ALPACA_TEMPLATE
+
+  def prompts(self, windows: examples_lib.Windows) -> list[tuple[str, str]]:
+    """(prompt, response) of each window in this data's template (an empty response for eval windows)."""
+    return [examples_lib.prompt_text(r, self.prompt_template)
+            for r in examples_lib.window_records(windows, self.titles, self.dataset.item_noun)]
 
   @property
   def titles(self) -> tuple[str, ...]:
