@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from fellrec_jax import report
 from fellrec_jax.config import ConfigError, RunConfig
 from launch import flags as run_flags
 
@@ -25,10 +26,29 @@ def _main(*args, timeout=900):
                                        (dict(clients_per_round=9), "--clients_per_round"),
                                        (dict(client_group_size=2, client_execution="sequential"),
                                         "--client_group_size"),
-                                       (dict(rounds=2, profile_rounds=(2,)), "--profile_rounds")])
+                                       (dict(rounds=2, profile_rounds=(2,)), "--profile_rounds"),
+                                       (dict(decoding=("beam",)), "--decoding"),
+                                       (dict(decoding=("l2", "l2")), "--decoding"),
+                                       (dict(decoding=("constrained",), num_beams=10), "--num_beams"),
+                                       (dict(prompt="short"), "--prompt")])
 def test_bad_settings_name_their_flag(bad, flag):
   with pytest.raises(ConfigError, match=flag):
     RunConfig(**bad)
+
+
+def test_constrained_decoding_needs_a_beam_per_ranked_item():
+  assert RunConfig(decoding=("constrained", "l2"), num_beams=10, metric_ks=(5, 10)).decoding[0] == "constrained"
+
+
+def test_comparison_lists_each_decoding_of_the_same_adapters():
+  result = lambda ndcg: {"overall": {"ndcg@10": ndcg, "test_users": 4},
+                         "balance": {"metric": "ndcg@10", "std": 0.0, "min": ndcg, "cv": 0.0}}
+  runs = {"fellrec": {"test": result(0.3), "test_by_decoding": {"constrained": result(0.3), "l2": result(0.1)}},
+          "fedavg": {"test": result(0.2)}}
+  lines = report.comparison_table(runs, {"most_popular": result(0.05)}).splitlines()
+  assert [line.split(" | ")[0] for line in lines[2:]] == ["| fellrec", "| fellrec, --decoding=l2", "| fedavg",
+                                                          "| most-popular (reference)"]
+  assert lines[3].split(" | ")[1] == "0.1000"
 
 
 def test_list_flag_with_a_bad_element_names_the_flag():
