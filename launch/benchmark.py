@@ -4,6 +4,7 @@ Sections (each prints a table row per measurement and lands in the JSON under it
   client_execution  round time and tokens/s of C clients, vmapped vs sequential, same data and model
   mfu               achieved FLOP/s of the vmapped training round / peak FLOP/s
   loss_positions    the round with the loss (and the head) on every token vs on a short response
+  cpu_round         where a movielens_smollm2_cpu local step's time goes (cutoff, template, dropout, split, loss)
   aggregation       jitted `fellrec_aggregate` time vs a roofline (bandwidth and compute)
   scale             most simulated clients per round that fit this machine (SmolLM2-135M adapters + AdamW)
   original_design   the released code's pattern (clients one by one, base reloaded per client) vs ours
@@ -32,7 +33,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small sizes only (about a minute on 2 CPU cores).")
 flags.DEFINE_bool("gpu", False, "GPU figures: bf16 SmolLM2 with C*B >= 64, published chip peak for MFU.")
 flags.DEFINE_string("out", "benchmark.json", "Where the JSON results go.")
-flags.DEFINE_list("sections", ["client_execution", "mfu", "loss_positions", "aggregation", "scale", "original_design"],
+flags.DEFINE_list("sections", ["client_execution", "mfu", "loss_positions", "cpu_round", "aggregation", "scale",
+                                "original_design"],
                   "Sections to run.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported), after one warm-up call.")
 flags.DEFINE_integer("exec_clients", 16, "Clients per round for the client-execution section (tiny-llama).")
@@ -393,6 +395,35 @@ def loss_positions_section(quick: bool, gpu: bool, repeats: int, model: str = "s
           "memory_ratio": runs["every_token"]["peak_bytes"] / runs["response_16"]["peak_bytes"]}
 
 
+def cpu_round_section(quick: bool, repeats: int, model: str = "smollm2-135m") -> dict:
+  """Where a `movielens_smollm2_cpu.flags` local step's time goes: one client unbatched (as
+  `--client_group_size=1`), B=8, LoRA r=8 on q/v with dropout 0.05, split at k=19, the loss on a 14-token
+  response (a quoted title + eos, on average), T=200 (the preset's `--cutoff_len`), against one change at
+  a time: no cutoff (T=248, the longest compact example), the Alpaca template (T=312, its longest), no
+  dropout, no split, the loss on every token. `vs_preset`: seconds per step / the preset's."""
+  import jax
+  from federated import client
+  config, base = make_model(model)
+  b, t, k, response = (2, 32, 1, 4) if quick else (8, 200, 19, 14)
+  longer = lambda n: n * t // 200
+  variants = {"preset": {}, "no_cutoff": {"t": longer(248)}, "alpaca_prompt": {"t": longer(312)},
+              "no_dropout": {"dropout": 0.0}, "unsplit": {"k": None}, "loss_every_token": {"response": None}}
+  table = Table(f"cpu round: {model}, one client, B={b}, split k={k}", ["variant", "T", "s/step", "tok/s", "x preset"])
+  runs = {}
+  for name, change in variants.items():
+    cfg = dataclasses.replace(config, lora=dataclasses.replace(config.lora, dropout=change.get("dropout", 0.05)))
+    seq_len = change.get("t", t)
+    rnd = make_round(cfg, base, 1, 1, b, seq_len, response_tokens=change.get("response", response))
+    update = client.make_local_update(client.LocalSpec(cfg, split_k=change.get("k", k)), rnd.tx)
+    one = jax.jit(lambda base, *per_client: update(base, *jax.tree.map(lambda x: x[0], per_client)))
+    compiled = one.lower(*rnd.args()).compile()
+    seconds, _ = median_seconds(lambda: compiled(*rnd.args()), repeats)
+    runs[name] = {"T": seq_len, "seconds_per_step": seconds, "padded_tokens_per_s": b * seq_len / seconds,
+                  "vs_preset": seconds / runs["preset"]["seconds_per_step"] if runs else 1.0}
+    table.add(name, seq_len, seconds, b * seq_len / seconds, runs[name]["vs_preset"])
+  return {"model": model, "shape": {"B": b, "T": t, "split_k": k, "response_tokens": response}, "runs": runs}
+
+
 # ============================================================================ 3. aggregation
 
 def adapter_shapes(name: str) -> dict:
@@ -678,6 +709,8 @@ def run(quick: bool, gpu: bool, sections: list[str], repeats: int) -> dict:
     out["mfu"] = mfu_summary(out["client_execution"], peak, peak_source)
   if "loss_positions" in sections:
     out["loss_positions"] = loss_positions_section(quick, gpu, repeats)
+  if "cpu_round" in sections:
+    out["cpu_round"] = cpu_round_section(quick, repeats)
   if "aggregation" in sections:
     out["aggregation"] = aggregation_section(quick, repeats, bw["bytes_per_s"], peak)
   if "scale" in sections:
@@ -700,6 +733,9 @@ def summary(out: dict) -> None:
     lp = out["loss_positions"]
     print(f"loss on a 16-token response vs every token ({lp['model']} {lp['shape']}): {lp['speedup']:.2f}x faster, "
           f"{lp['memory_ratio']:.2f}x less peak memory")
+  if "cpu_round" in out:
+    print("cpu round, seconds per step vs the movielens_smollm2_cpu preset: " + ", ".join(
+        f"{name} {r['vs_preset']:.2f}x" for name, r in out["cpu_round"]["runs"].items()))
   for entry in out.get("aggregation", []):
     if entry["C"] == 256 and entry.get("seconds"):
       print(f"aggregation C=256 {entry['model']}: {entry['roofline_fraction']:.0%} of roofline "

@@ -51,6 +51,7 @@ def test_sections_smoke_and_json_keys(tmp_path):
   out = {"client_execution": benchmark.client_execution_section(True, False, 1, peak)}
   out["mfu"] = benchmark.mfu_summary(out["client_execution"], peak, "test")
   out["loss_positions"] = benchmark.loss_positions_section(True, False, 1, model="tiny-llama")
+  out["cpu_round"] = benchmark.cpu_round_section(True, 1, model="tiny-llama")
   out["aggregation"] = benchmark.aggregation_section(True, 1, bandwidth, peak, sizes=[("smollm2-135m", (2,))])
   out["scale"] = benchmark.scale_section(True, False, False, model="tiny-llama", confirm=False, check_run=False)
   out["original_design"] = benchmark.original_design_section(True, 1)
@@ -66,6 +67,9 @@ def test_sections_smoke_and_json_keys(tmp_path):
   assert lp["runs"]["every_token"]["head_positions"] == 63 and lp["runs"]["response_16"]["head_positions"] == 16
   assert lp["runs"]["response_16"]["target_tokens"] == 2 * 16 < lp["runs"]["every_token"]["target_tokens"]
   assert lp["speedup"] > 0 and lp["memory_ratio"] > 1  # fewer fp32 logits to hold
+  cpu = data["cpu_round"]["runs"]
+  assert cpu["preset"]["vs_preset"] == 1.0 and cpu["alpaca_prompt"]["T"] > cpu["no_cutoff"]["T"] > cpu["preset"]["T"]
+  assert all(r["seconds_per_step"] > 0 for r in cpu.values())
   agg = data["aggregation"][0]
   assert {"C", "model", "seconds", "bytes", "roofline_seconds", "roofline_fraction"} <= set(agg)
   assert agg["bytes"] == 3 * 2 * 4 * 460800  # SmolLM2 q,v r=8: 460,800 fp32 params per client

@@ -32,6 +32,7 @@ import dataclasses
 from typing import Iterator, Protocol, Sequence
 
 import grain
+from absl import logging
 import numpy as np
 
 from fellrec_jax.data import examples as examples_lib
@@ -233,6 +234,12 @@ def tokenize_clients(prompts: Sequence[Sequence[tuple[str, str]]], tokenizer: To
   to `pad_multiple` (and at most `cutoff`), R = the most targets of any example likewise (at most T-1);
   both the same for every client so batches stack."""
   per_client = [[tokenize(tokenizer, *pair, cutoff=cutoff) for pair in pairs] for pairs in prompts]
+  full = [len(tokenizer.encode(prompt)) + len(tokenizer.encode(response)) for pairs in prompts for prompt, response in pairs]
+  specials = (tokenizer.bos_id is not None) + (tokenizer.eos_id is not None)
+  truncated = sum(n + specials > cutoff for n in full)
+  if truncated:
+    logging.info("--cutoff_len=%d: %d of %d examples lost their oldest prompt tokens (longest: %d tokens)", cutoff,
+                 truncated, len(full), max(full) + specials)
   round_up = lambda n: -(-n // pad_multiple) * pad_multiple
   longest = max((len(ids) for toks in per_client for ids, _ in toks), default=2)
   seq_len = min(cutoff, round_up(longest))
