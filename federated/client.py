@@ -252,7 +252,10 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   """One client's local round: `(base, lora, opt_state, batches, rng) -> (lora, opt_state, stats)`.
 
   Steps whose micro-batches hold no target token (a client that ran out of data) leave the state
-  untouched. `stats`: loss (token-weighted mean), tokens, examples, bytes_up, bytes_down, steps.
+  untouched, and so do non-finite steps (a loss, gradient or updated adapter that is NaN or inf): the
+  adapters and optimizer state stay at the last finite step, and the step counts in `nonfinite_steps`.
+  `stats`: loss (token-weighted mean over the finite steps), tokens, examples, bytes_up, bytes_down, steps,
+  nonfinite_steps.
   """
   value_and_grad = unsplit_value_and_grad if spec.split_k is None else split_value_and_grad
 
@@ -278,14 +281,18 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
         if penalty is not None:
           grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(lora, anchor))
         updates, new_opt = tx.update(grads, opt_state, lora)
-        active = count > 0
+        new_lora = optax.apply_updates(lora, updates)
+        finite = jnp.isfinite(loss_sum) & all_finite(grads) & all_finite(new_lora)
+        active = (count > 0) & finite
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-        stats = {"loss_sum": loss_sum, "tokens": count, "bytes_up": up, "bytes_down": down,
-                 "steps": active.astype(jnp.float32)}
-        return keep(optax.apply_updates(lora, updates), lora), keep(new_opt, opt_state), stats
+        stats = {"loss_sum": jnp.where(active, loss_sum, 0.0), "tokens": jnp.where(active, count, 0.0),
+                 "bytes_up": up, "bytes_down": down, "steps": active.astype(jnp.float32),
+                 "nonfinite_steps": (~finite).astype(jnp.float32)}
+        return keep(new_lora, lora), keep(new_opt, opt_state), stats
 
       def skip(_):
-        return lora, opt_state, {name: jnp.zeros(()) for name in ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps")}
+        return lora, opt_state, {name: jnp.zeros(()) for name in
+                                 ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps", "nonfinite_steps")}
 
       # A client past the end of its data gets all-padding steps (lockstep epochs). Run one client at a
       # time (`--client_group_size=1`) and this is a real branch that skips them; under vmap the predicate
@@ -304,6 +311,11 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
     return lora, opt_state, stats
 
   return local_update
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every element of every leaf is finite (a scalar bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def in_groups(local_update, group_size: int, shards: int = 1):

@@ -20,7 +20,8 @@ from absl import logging
 
 import models
 from fellrec_jax import checkpoint, privacy, sharding
-from fellrec_jax.config import RunConfig
+from fellrec_jax import config as config_lib
+from fellrec_jax.config import ConfigError, Diverged, RunConfig
 from fellrec_jax.data import pipeline
 from federated import client, resources, strategies
 
@@ -267,10 +268,23 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
   mngr = checkpoint.manager(workdir)
   state = engine.init_state(jax.random.key(cfg.seed))
   meta = {"round": 0, "data": {"seed": cfg.seed, "epoch": 0, "step": 0}, "history": [], "bad_evals": 0,
-          "best_mean_valid": float("inf")}
-  restored = checkpoint.restore_latest(mngr, state)
+          "best_mean_valid": float("inf"), "config": config_lib.as_json(cfg)}
+
+  def check_config(saved: dict) -> None:
+    if "config" not in saved:
+      logging.warning("the checkpoint in %s stores no configuration (an older version wrote it): not checked", workdir)
+      return
+    blocking, free = config_lib.resume_changes(saved["config"], cfg)
+    if blocking:
+      raise ConfigError(f"--workdir={workdir} holds a run trained with other settings: {'; '.join(blocking)}. "
+                        "Resume with the checkpoint's values or pass another --workdir")
+    if free:
+      logging.info("resuming with settings that do not change training: %s", "; ".join(free))
+
+  restored = checkpoint.restore_latest(mngr, state, check_config)
   if restored is not None:
-    _, state, meta = restored
+    _, state, saved = restored
+    meta |= {k: v for k, v in saved.items() if k != "config"}
     logging.info("resumed from %s at round %d", mngr.directory, meta["round"])
   resources.check_memory_fits(engine, state)  # before the first compile: refuse a round that will not fit
   batch_iter = pipeline.iterate(engine.train_examples, batch_size=cfg.batch_size, state=meta["data"])
@@ -296,14 +310,24 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
       lora, dp_norms = engine.privatize(state.lora, anchor, jax.random.fold_in(round_key, 1), cfg.dp_clip,
                                         cfg.dp_noise_multiplier, jnp.asarray(participating))
       state = state.replace(lora=lora)
+    diverged = np.asarray(stats["nonfinite_steps"]) > 0
+    if diverged.any():
+      logging.warning("round %d: client(s) %s hit a non-finite loss, gradient or adapter in %s of their steps; "
+                      "those steps were skipped (adapters and optimizer state stay at the last finite step) and "
+                      "the clients are left out of this round's aggregation", r, np.flatnonzero(diverged).tolist(),
+                      np.asarray(stats["nonfinite_steps"])[diverged].astype(int).tolist())
+    if participating.any() and (diverged | ~participating).all():
+      raise Diverged(f"round {r}: every participating client's training went non-finite (NaN/inf loss, gradients or "
+                     f"adapters). Lower --learning_rate (now {cfg.learning_rate:g}); also check --warmup_steps, "
+                     f"--server_lr, --fellrec_beta and --dtype (now {cfg.dtype})")
     log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(losses).tolist(),
            "bytes_up": float(np.sum(stats["bytes_up"])), "bytes_down": float(np.sum(stats["bytes_down"])),
-           "local_steps": np.asarray(stats["steps"]).tolist(),
+           "local_steps": np.asarray(stats["steps"]).tolist(), "diverged": diverged.tolist(),
            # the real (unpadded) input tokens every client trained on; the seconds include a first round's compile
            "train_tokens": int(np.sum(batches["attention_mask"])), "train_seconds": train_seconds}
     if dp_norms is not None:
       log["dp_update_norm"] = sharding.to_host(dp_norms).tolist()
-    state, info = engine.aggregate(state, losses, participating, r, anchor)
+    state, info = engine.aggregate(state, losses, participating & ~diverged, r, anchor)
     log |= info
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
       state, valid = engine.validate(state)

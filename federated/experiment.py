@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 import models
-from fellrec_jax import privacy, report, sharding
+from fellrec_jax import checkpoint, privacy, report, sharding
 from fellrec_jax.config import ConfigError, RunConfig
 from fellrec_jax.data import examples, pipeline, prepare_dataset
 from federated import client, evaluation, resources, strategies
@@ -248,6 +248,10 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
     writer.round(log)
 
   state, history = engine_lib.run_rounds(eng, str(workdir), on_round=on_round, progress=name)
+  best_valid = np.asarray(sharding.to_host(state.best_valid))
+  if not np.isfinite(best_valid).all():
+    logging.warning("[%s] client(s) %s never had a finite validation score: their starting adapters are evaluated",
+                    name, np.flatnonzero(~np.isfinite(best_valid)).tolist())
   best = sharding.to_host(state.best_lora)
   if name == "centralized":
     best = engine_lib.stack_clients(jax.tree.map(lambda x: x[0], best), prep.num_clients)
@@ -276,6 +280,9 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
                                        base=base, micro_per_round=eng.micro_per_round, server_lora=cfg.server_lora)
                       for k in sorted(set(eng.cuts))]
   results = {"config": dataclasses.asdict(cfg), "strategy": name, "rounds": history, "test": test,
+             # per client, the --select_by criterion of the evaluated adapter (lower is better; None: no
+             # finite validation score ever, so the starting adapter)
+             "best_valid": [float(v) if np.isfinite(v) else None for v in best_valid],
              "resources": usage, "baselines": {n: r["overall"] for n, r in references.items()},
              "baselines_fit": {n: r["fit"] for n, r in references.items()}}
   if by_decoding:
@@ -312,6 +319,11 @@ def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
   One strategy writes `workdir/results.json`; several write `workdir/<strategy>/results.json` plus
   `comparison.md` and `comparison.png` (with a most-popular floor on the same split).
   """
+  with checkpoint.workdir_lock(cfg.workdir):
+    return _train_and_evaluate(cfg)
+
+
+def _train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
   prep, stats = prepare(cfg)
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)

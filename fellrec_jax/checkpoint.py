@@ -1,12 +1,19 @@
-"""Orbax checkpoints of the whole federated state: arrays (sharded) plus a JSON of loop metadata."""
+"""Orbax checkpoints of the whole federated state: arrays (sharded) plus a JSON of loop metadata; and the
+lock that keeps one run per workdir."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from fellrec_jax.config import ConfigError
 
 
 def manager(workdir: str | Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -20,12 +27,63 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
   mngr.wait_until_finished()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like_state: Any) -> tuple[int, Any, dict] | None:
-  """`(step, state, meta)` of the latest checkpoint, restored with `like_state`'s shapes and shardings."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
+def restore_latest(mngr: ocp.CheckpointManager, like_state: Any,
+                   check_meta: Callable[[dict], None] = lambda meta: None) -> tuple[int, Any, dict] | None:
+  """`(step, state, meta)` of the newest readable checkpoint, restored with `like_state`'s shapes and
+  shardings; None when there is none.
+
+  Each checkpoint's metadata is read first and passed to `check_meta`, which raises when the checkpoint
+  belongs to another configuration (that error propagates: an older checkpoint would not fit either).
+  A checkpoint that cannot be read is reported in one line and the next older one is tried.
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   meta=ocp.args.JsonRestore()))
-  return step, out["state"], dict(out["meta"])
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as e:  # noqa: BLE001 -- reported, then the previous checkpoint is tried
+      _report_unreadable(mngr, step, e, steps[i + 1:])
+      continue
+    check_meta(meta)
+    try:
+      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # noqa: BLE001
+      _report_unreadable(mngr, step, e, steps[i + 1:])
+      continue
+    return step, state, meta
+  return None
+
+
+def _report_unreadable(mngr: ocp.CheckpointManager, step: int, error: Exception, older: list[int]) -> None:
+  first_line = (str(error).strip().splitlines() or [""])[0][:200]
+  then = f"resuming from step {older[0]} instead" if older else "no older checkpoint: starting fresh"
+  logging.warning("checkpoint %s is unreadable (%s: %s); %s", mngr.directory / str(step), type(error).__name__,
+                  first_line, then)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path) -> Iterator[None]:
+  """Holds `<workdir>/.lock` exclusively for the block (process 0 of a multi-host run), so a second run on
+  the same workdir fails at once. The kernel drops the lock when its process dies, so a stale lock file
+  from a killed run never blocks."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = Path(workdir).absolute() / ".lock"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise ConfigError(f"--workdir={workdir} is in use by another run (pid {holder}, lock {path}); wait for it "
+                        "to finish or pass another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

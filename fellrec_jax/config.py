@@ -7,6 +7,7 @@ comes from `launch.main` or from Python.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
 BASELINES = ("item_knn", "sasrec")  # conventional reference rows; most-popular is always computed
@@ -16,6 +17,10 @@ DECODINGS = ("l2", "constrained")  # generative evaluation: BIGRec's L2 groundin
 
 class ConfigError(ValueError):
   """An unknown, out-of-range or inconsistent setting; the message names the flag."""
+
+
+class Diverged(RuntimeError):
+  """Every participating client's round went non-finite: the run cannot go on (`launch.main` exits 3)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,3 +227,25 @@ class RunConfig:
     if self.auto_split:
       raise ConfigError("--split_k=auto is resolved from --client_memory_budget_mb once the model is loaded")
     return self.split_k[0] if len(self.split_k) == 1 else self.split_k[c]
+
+
+# What a resumed run may change: these settings do not alter what is trained (evaluation after training,
+# logging, file locations, memory layout).
+RESUME_FREE = ("workdir", "data_dir", "mode", "strategies", "baselines", "eval_batch_size", "metric_ks", "decoding",
+               "num_beams", "max_new_tokens", "checkpoint_every", "profile_rounds", "client_group_size",
+               "mesh_clients", "mesh_model")
+
+
+def as_json(cfg: RunConfig) -> dict:
+  """The configuration as stored in results and checkpoints (tuples as lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def resume_changes(saved: dict, cfg: RunConfig) -> tuple[list[str], list[str]]:
+  """`(blocking, free)`: `--flag=old -> new` for each setting that differs from a checkpoint's `saved`
+  configuration; `free` ones are in `RESUME_FREE`."""
+  now = as_json(cfg)
+  show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+  changes = {k: f"--{k}={show(saved.get(k))} -> {show(now[k])}" for k in now if saved.get(k) != now[k]}
+  return ([c for k, c in changes.items() if k not in RESUME_FREE], [c for k, c in changes.items() if k in RESUME_FREE])
+

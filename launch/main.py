@@ -2,11 +2,13 @@
 
 import json
 import logging as logging_lib
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 
-from fellrec_jax.config import ConfigError
+from fellrec_jax.config import ConfigError, Diverged
+from fellrec_jax.data.sources import DataError
 from launch import flags as run_flags
 
 run_flags.define_flags()
@@ -32,6 +34,18 @@ def main(argv):
     cfg = run_flags.config_from_flags(FLAGS)
   except ConfigError as e:
     raise app.UsageError(str(e)) from e
+  try:
+    run(cfg)
+  except (ConfigError, DataError) as e:  # the user's input: one line naming the flag or file
+    if FLAGS.verbosity >= 1:
+      raise
+    sys.exit(f"error: {e}\n(--verbosity=1 shows the traceback)")
+  except Diverged as e:
+    logging.error("%s", e)
+    sys.exit(3)
+
+
+def run(cfg) -> None:
   from federated import experiment  # after flag parsing so --help stays fast
   if cfg.mode in ("resources", "attack"):
     from launch import attack, resources
