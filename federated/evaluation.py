@@ -33,11 +33,13 @@ batch of a client is padded with copies of its first row), so generation compile
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 import models
 from fellrec_jax import baselines, metrics
@@ -230,11 +232,14 @@ def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Para
     if not client_rows:
       per_client.append({})
       continue
+    start = time.perf_counter()
     rank = ranker(_client_lora(lora_c, c))
     exclude_ui = metrics.exclusion_mask(excluded, len(prep.titles))
     ranked = [rank(*_pad_batch(config, [client_rows[i] for i in idx], pad_id, width), exclude_ui[idx])
               for idx in _batch_indices(len(client_rows), batch)]
     per_client.append(metrics.user_metrics(np.concatenate(ranked)[:len(client_rows)], targets, ks))
+    logging.info("%s ranking: client %d/%d, %d users, %.0fs", part, c + 1, len(clients), len(client_rows),
+                 time.perf_counter() - start)
   return metrics.summarize(per_client)
 
 
