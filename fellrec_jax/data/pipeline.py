@@ -57,10 +57,19 @@ def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 
   of the template), because the history's most recent titles and the "### Response:" marker sit at the
   end of the prompt. A response longer than the cutoff alone is cut at its end.
   """
+  return _truncate(*_encode(tokenizer, prompt, response), cutoff)
+
+
+def _encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int], list[int]]:
+  """The untruncated `([bos], encode(prompt), encode(response) + [eos])`."""
   head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-  body = tokenizer.encode(prompt)
   tail = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-  resp = (tokenizer.encode(response) + tail)[:cutoff - len(head)]
+  return head, tokenizer.encode(prompt), tokenizer.encode(response) + tail
+
+
+def _truncate(head: list[int], body: list[int], resp: list[int], cutoff: int) -> tuple[list[int], int]:
+  """`tokenize`'s cut of encoded parts to `cutoff` tokens."""
+  resp = resp[:cutoff - len(head)]
   room = cutoff - len(head) - len(resp)
   body = body[len(body) - room:] if 0 < room < len(body) else (body if room > 0 else [])
   return head + body + resp, len(head) + len(body)
@@ -233,13 +242,13 @@ def tokenize_clients(prompts: Sequence[Sequence[tuple[str, str]]], tokenizer: To
   """Tokenized (prompt, response) pairs per client. T = the longest example over all clients rounded up
   to `pad_multiple` (and at most `cutoff`), R = the most targets of any example likewise (at most T-1);
   both the same for every client so batches stack."""
-  per_client = [[tokenize(tokenizer, *pair, cutoff=cutoff) for pair in pairs] for pairs in prompts]
-  full = [len(tokenizer.encode(prompt)) + len(tokenizer.encode(response)) for pairs in prompts for prompt, response in pairs]
-  specials = (tokenizer.bos_id is not None) + (tokenizer.eos_id is not None)
-  truncated = sum(n + specials > cutoff for n in full)
+  encoded = [[_encode(tokenizer, *pair) for pair in pairs] for pairs in prompts]
+  full = [sum(map(len, parts)) for client in encoded for parts in client]
+  truncated = sum(n > cutoff for n in full)
   if truncated:
     logging.info("--cutoff_len=%d: %d of %d examples lost their oldest prompt tokens (longest: %d tokens)", cutoff,
-                 truncated, len(full), max(full) + specials)
+                 truncated, len(full), max(full))
+  per_client = [[_truncate(*parts, cutoff) for parts in client] for client in encoded]
   round_up = lambda n: -(-n // pad_multiple) * pad_multiple
   longest = max((len(ids) for toks in per_client for ids, _ in toks), default=2)
   seq_len = min(cutoff, round_up(longest))
