@@ -177,14 +177,16 @@ def clean_response(text: str) -> str:
 
 
 def generate_responses(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, lora: tfm.Params | None,
-                       ids_bt: np.ndarray, mask_bt: np.ndarray, *, num_beams: int, max_new_tokens: int) -> list[str]:
-  """Cleaned best-beam responses `[B]` to left-padded prompts `[B, T]`."""
+                       ids_bt: np.ndarray, mask_bt: np.ndarray, *, num_beams: int, max_new_tokens: int,
+                       stop_id: int | None) -> list[str]:
+  """Cleaned best-beam responses `[B]` to left-padded prompts `[B, T]`, each ending before `stop_id`
+  (`response_end`)."""
   tokens_bn, _ = models.beam_search(config, base, ids_bt, mask_bt, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, lora=lora)
+                                    eos_id=stop_id, pad_id=tokenizer.pad_id, lora=lora)
   out = []
   for row in np.asarray(tokens_bn):
-    if tokenizer.eos_id is not None and (row == tokenizer.eos_id).any():
-      row = row[:np.argmax(row == tokenizer.eos_id)]
+    if stop_id is not None and (row == stop_id).any():
+      row = row[:np.argmax(row == stop_id)]
     out.append(clean_response(tokenizer.decode(row)))
   return out
 
@@ -243,12 +245,26 @@ def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Para
   return metrics.summarize(per_client)
 
 
-def catalogue_trie(tokenizer: Tokenizer, titles: Sequence[str]) -> models.Trie:
-  """The trie of every item's response as training tokenizes it: `encode('"Title"') + [eos]`."""
-  if tokenizer.eos_id is None:
+def response_end(tokenizer: Tokenizer, prompt: str) -> int | None:
+  """The token that ends a response in `--prompt` format `prompt`: eos, or the title line's newline."""
+  return tokenizer.encode("\n")[-1] if prompt == "sequence" else tokenizer.eos_id
+
+
+def catalogue_trie(tokenizer: Tokenizer, titles: Sequence[str], prompt: str = "alpaca") -> models.Trie:
+  """The trie of every item's response as training tokenizes it: `encode('"Title"') + [eos]`, or in the
+  sequence format `encode('"Title"\\n')`, which must end with the newline token on its own (a training
+  chunk's lines are encoded together, so a merge across the line end would differ from the trie)."""
+  end = response_end(tokenizer, prompt)
+  if end is None:
     raise ValueError("constrained decoding needs a tokenizer with an eos token: it ends every catalogue response")
-  return models.build_trie([tokenizer.encode(examples.quoted(t)) + [tokenizer.eos_id] for t in titles],
-                           tokenizer.eos_id)
+  if prompt != "sequence":
+    return models.build_trie([tokenizer.encode(examples.quoted(t)) + [end] for t in titles], end)
+  sequences = [tokenizer.encode(examples.title_line(t)) for t in titles]
+  merged = [t for t, seq in zip(titles, sequences) if seq[-1] != end or end in seq[:-1]]
+  if merged:
+    raise ValueError(f"--prompt=sequence: the tokenizer does not end {len(merged)} title line(s) with the newline "
+                     f"token alone (e.g. {merged[0]!r}); use --prompt=compact")
+  return models.build_trie(sequences, end)
 
 
 def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,
@@ -276,13 +292,14 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
     raise ValueError("generative evaluation needs a decoder; use evaluate_discriminative for encoders")
   if decoding not in DECODINGS:
     raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+  stop_id = response_end(tokenizer, prep.prompt)
   if decoding == "constrained":
-    trie = catalogue_trie(tokenizer, prep.titles)
+    trie = catalogue_trie(tokenizer, prep.titles, prep.prompt)
 
     def ranker(lora):
       def rank(ids_bt, mask_bt, exclude_bi):
         return np.asarray(models.constrained_beam_search(config, base, ids_bt, mask_bt, trie, exclude_bi,
-                                                         num_beams=num_beams, eos_id=tokenizer.eos_id, lora=lora)[0])
+                                                         num_beams=num_beams, eos_id=stop_id, lora=lora)[0])
       return rank
 
     max_prompt_len = config.max_positions - trie.depth
@@ -295,7 +312,7 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
     def ranker(lora):
       def rank(ids_bt, mask_bt, exclude_bi):
         texts = generate_responses(config, base, tokenizer, lora, ids_bt, mask_bt, num_beams=num_beams,
-                                   max_new_tokens=max_new_tokens)
+                                   max_new_tokens=max_new_tokens, stop_id=stop_id)
         return ground(config, base, tokenizer, texts, item_emb, prep.titles, exclude_bi, max(ks),
                       width=response_width)[0]
       return rank

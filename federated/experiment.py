@@ -29,7 +29,7 @@ def prepare(cfg: RunConfig):
       seed=cfg.seed, history_len=cfg.history_len, k_core=cfg.k_core, min_rating=cfg.min_rating,
       max_train_samples=cfg.max_train_samples, dirichlet_alpha=cfg.dirichlet_alpha,
       mapping_file=cfg.mapping_file, skip_bad_lines=cfg.skip_bad_lines, bpr_steps=cfg.bpr_steps)
-  return dataclasses.replace(prep, prompt_template=examples.TEMPLATES[cfg.prompt]), stats
+  return dataclasses.replace(prep, prompt=cfg.prompt), stats
 
 
 def lora_config(cfg: RunConfig) -> models.LoraConfig:
@@ -45,7 +45,7 @@ def load_model(cfg: RunConfig, titles: list[str]):
   titles (public catalogue text) for `warm_start_steps`.
   """
   lora = lora_config(cfg)
-  tiny = cfg.model in ("tiny-llama", "tiny-bert")
+  tiny = cfg.model in models.TINY_PRESETS
   corpus = list(titles) + [examples.ALPACA_TEMPLATE]  # holds every template's text
   config, params, tokenizer = models.load(cfg.model, dtype=cfg.dtype, lora=lora, remat=cfg.remat,
                                           **({"seed": cfg.seed, "corpus": corpus} if tiny else {}))
@@ -107,7 +107,8 @@ def task_examples(cfg: RunConfig, config, tokenizer, prep) -> tuple[list, list]:
   """`(train, valid)` per-client examples for `cfg.task`."""
   if cfg.task == "generative":
     kwargs = dict(cutoff=cfg.cutoff_len)
-    return (pipeline.generative_clients(prep, tokenizer, train_on_inputs=cfg.train_on_inputs, **kwargs),
+    return (pipeline.generative_clients(prep, tokenizer, max_chunks=cfg.max_train_samples, seed=cfg.seed,
+                                        train_on_inputs=cfg.train_on_inputs, **kwargs),
             pipeline.heldout_clients(prep, tokenizer, "valid", max_users=cfg.max_eval_users, **kwargs))
   if cfg.disc_input == "items":
     return (pipeline.item_sequence_clients(prep, cfg.history_len),
@@ -324,11 +325,14 @@ def train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
 
 def _train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+  # Pretrained weights load first, so their errors (the path, --split_k, --task) come before the data
+  # work; the tiny presets learn their tokenizer on the catalogue, so they wait for it.
+  model = None if cfg.model in models.TINY_PRESETS else load_model(cfg, [])
   prep, stats = prepare(cfg)
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "data_stats.json").write_text(json.dumps(stats, indent=1))
-  model = load_model(cfg, list(prep.titles))
+  model = model or load_model(cfg, list(prep.titles))
   # Generative runs need title embeddings only to ground generations by L2 distance.
   needs_item_emb = cfg.task == "discriminative" or "l2" in cfg.decoding
   item_emb = evaluation.item_embeddings(model[0], model[1], model[2], prep.titles) if needs_item_emb else None

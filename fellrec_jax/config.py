@@ -12,6 +12,7 @@ import json
 STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
 BASELINES = ("item_knn", "sasrec")  # conventional reference rows; most-popular is always computed
 MODES = ("train", "prepare", "resources", "attack")
+DTYPES = ("float32", "bfloat16", "float16")  # parameter and compute dtypes
 DECODINGS = ("l2", "constrained")  # generative evaluation: BIGRec's L2 grounding, or beams in the catalogue trie
 
 
@@ -104,7 +105,7 @@ class RunConfig:
   baselines: tuple[str, ...] = BASELINES
   decoding: tuple[str, ...] = ("l2",)  # the first ranks test and valid; the others are also reported on test
   num_beams: int = 4
-  prompt: str = "alpaca"  # examples.TEMPLATES
+  prompt: str = "alpaca"  # examples.PROMPTS
   max_new_tokens: int = 32
   profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
   # scale-out
@@ -192,7 +193,7 @@ class RunConfig:
     need(all(0 <= r < self.rounds for r in self.profile_rounds), "profile_rounds",
          f"give 0-based rounds in [0, --rounds={self.rounds})")
     need(self.num_beams >= 1, "num_beams", "must be >= 1")
-    need(self.prompt in ("alpaca", "compact"), "prompt", "expected 'alpaca' or 'compact'")
+    need(self.prompt in ("alpaca", "compact", "sequence"), "prompt", "expected 'alpaca', 'compact' or 'sequence'")
     need(len(self.decoding) > 0 and len(set(self.decoding)) == len(self.decoding)
          and all(d in DECODINGS for d in self.decoding), "decoding", f"give distinct values of {DECODINGS}")
     need("constrained" not in self.decoding or self.num_beams >= max(self.metric_ks), "num_beams",
@@ -201,6 +202,9 @@ class RunConfig:
     need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
+    need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
+    need(self.max_train_samples is None or self.max_train_samples >= 1, "max_train_samples",
+         "must be >= 1 (unset it to train on every example)")
 
   @property
   def selection_metric(self) -> str:

@@ -27,7 +27,8 @@ HELP = {
     "history_len": "Number of most recent items shown as the user's history.",
     "k_core": "k-core filtering of users and items (0 disables).",
     "min_rating": "Keep only interactions rated at least this (implicit feedback); default keeps all.",
-    "max_train_samples": "Seeded cap on training windows over all clients (BIGRec used 1024).",
+    "max_train_samples": "Seeded cap on training examples over all clients: windows (BIGRec used 1024), or "
+                         "with --prompt=sequence chunks of up to --history_len targets.",
     "max_eval_users": "Cap on validation/test users per client (for quick runs); default: all.",
     "cutoff_len": "Maximum tokens per training example.",
     "train_on_inputs": "Also train on the prompt tokens (BIGRec's released default was true).",
@@ -70,8 +71,10 @@ HELP = {
                 "beam's text grounded to the nearest title embedding; constrained: beam search inside the trie "
                 "of the catalogue's titles minus the user's excluded items, the --num_beams finished beams (by "
                 "sequence logprob) being the ranking.",
-    "prompt": "Prompt template: alpaca (BIGRec's Alpaca instruction template) or compact (only the input and "
-              "the response marker: ~60 fewer tokens per example, for CPU budgets).",
+    "prompt": "Prompt format: alpaca (BIGRec's Alpaca instruction template), compact (only the input and the "
+              "response marker: ~60 fewer tokens per example, for CPU budgets) or sequence (one quoted title per "
+              "line, the next item the next line; training chunks of a user's sequence carry --history_len "
+              "targets each instead of one, ~5x fewer tokens per target).",
     "num_beams": "Beams for generative evaluation (BIGRec used 4); with --decoding=constrained, the ranking's "
                  "length.",
     "max_new_tokens": "Maximum generated tokens per response in generative evaluation.",

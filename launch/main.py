@@ -34,9 +34,10 @@ def main(argv):
     cfg = run_flags.config_from_flags(FLAGS)
   except ConfigError as e:
     raise app.UsageError(str(e)) from e
+  from models import ModelError  # imports jax: after flag parsing so --help stays fast
   try:
     run(cfg)
-  except (ConfigError, DataError) as e:  # the user's input: one line naming the flag or file
+  except (ConfigError, DataError, ModelError, FileNotFoundError) as e:  # the user's input: one line naming the flag or file
     if FLAGS.verbosity >= 1:
       raise
     sys.exit(f"error: {e}\n(--verbosity=1 shows the traceback)")

@@ -32,7 +32,7 @@ def model_config(cfg: RunConfig) -> models.ModelConfig:
   config_json = path / "config.json" if path.is_dir() else (path if path.name.endswith(".json") else None)
   if config_json is not None and config_json.exists():
     config = hf_config(json.loads(config_json.read_text()), dtype=cfg.dtype)
-  elif cfg.model in ("tiny-llama", "tiny-bert"):
+  elif cfg.model in models.TINY_PRESETS:
     config, _, _ = models.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
   else:
     config, _, _ = models.load(cfg.model, dtype=cfg.dtype)  # a preset or .gguf: its metadata decides the shapes

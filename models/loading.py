@@ -29,12 +29,26 @@ from models.transformer import Params, init_params
 # checkpoint key -> (leaf path in our layout, layer index or None for unstacked leaves)
 KeyMap = dict[str, tuple[tuple[str, ...], int | None]]
 
-PRESETS = ("smollm2-135m", "minilm-l6", "tiny-llama", "tiny-bert")
+TINY_PRESETS = ("tiny-llama", "tiny-bert")  # random weights; their tokenizer can be learned on a corpus
+PRESETS = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
 DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Config fields that decide parameter shapes: overriding them cannot apply to weights read from disk.
 _SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "intermediate_size", "tie_embeddings", "qkv_bias", "type_vocab_size")
+
+
+class ModelError(ValueError):
+  """A model that cannot be found or read (an unknown name, a truncated file, not the format its name
+  says); the message names it."""
+
+
+def _readable(path: pathlib.Path, kind: str, read: Callable[[], object]):
+  """`read()`, with any failure of the file's parser reported as a `ModelError` naming the file."""
+  try:
+    return read()
+  except Exception as e:  # parsers raise anything from struct/OS errors to their own types; re-raised with the file
+    raise ModelError(f"{path}: not a readable {kind} file ({type(e).__name__}: {e})") from e
 
 
 def load(name_or_path: str | pathlib.Path, *, dtype: str = "float32", seed: int | None = None,
@@ -49,7 +63,7 @@ def load(name_or_path: str | pathlib.Path, *, dtype: str = "float32", seed: int 
   """
   name = str(name_or_path)
   dtype = jnp.dtype(dtype).name
-  if name in ("tiny-llama", "tiny-bert"):
+  if name in TINY_PRESETS:
     return _load_tiny(name, dtype=dtype, seed=0 if seed is None else seed, corpus=corpus, **overrides)
   if seed is not None or corpus is not None:
     raise ValueError(f"seed= and corpus= apply to the random presets tiny-llama/tiny-bert only, not {name!r}")
@@ -66,7 +80,7 @@ def load(name_or_path: str | pathlib.Path, *, dtype: str = "float32", seed: int 
   elif path.is_file() and path.suffix == ".gguf":
     config, params, tokenizer = load_gguf(path, dtype=dtype)
   else:
-    raise ValueError(f"unknown model {name!r}: expected a preset {PRESETS}, an HF model directory "
+    raise ModelError(f"unknown model {name!r}: expected a preset {PRESETS}, an HF model directory "
                      "(config.json + *.safetensors) or a .gguf file")
   return dataclasses.replace(config, **overrides), params, tokenizer
 
@@ -100,7 +114,7 @@ def load_hf_dir(path: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Mo
   path = pathlib.Path(path)
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"{path} has no config.json; not an HF model directory")
-  raw = json.loads((path / "config.json").read_text())
+  raw = _readable(path / "config.json", "JSON", lambda: json.loads((path / "config.json").read_text()))
   tokenizer = Tokenizer.from_dir(path)
   config = hf_config(raw, dtype=dtype)
   if tokenizer is not None:  # the tokenizer's special tokens are the ones prompts are built with; config.json fills gaps
@@ -112,17 +126,12 @@ def load_hf_dir(path: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Mo
   normalize = _bert_key if config.arch == "bert" else _decoder_key
   sources = {}  # our naming of a checkpoint key -> (key as stored, file)
   for file in files:
-    with safe_open(file, framework="numpy") as handle:
-      for key in handle.keys():
-        sources[normalize(key)] = (key, file)
+    for key in _readable(file, "safetensors", lambda: _safetensors_keys(file)):
+      sources[normalize(key)] = (key, file)
 
   def read(name: str) -> np.ndarray:
     key, file = sources[name]
-    with safe_open(file, framework="numpy") as handle:
-      if handle.get_slice(key).get_dtype() != "BF16":
-        return handle.get_tensor(key)
-    with safe_open(file, framework="flax") as handle:  # numpy has no bfloat16; jax brings ml_dtypes'
-      return np.asarray(handle.get_tensor(key))
+    return _readable(file, "safetensors", lambda: _safetensors_tensor(file, key))
 
   key_map = _bert_keys(config) if config.arch == "bert" else _decoder_keys(config)
   ignored = _BERT_IGNORED if config.arch == "bert" else _DECODER_IGNORED
@@ -178,10 +187,23 @@ def _require(raw: dict, field: str, expected: str):
     raise ValueError(f"config.json {field}={raw[field]!r} is not supported (expected {expected!r})")
 
 
+def _safetensors_keys(file: pathlib.Path) -> list[str]:
+  with safe_open(file, framework="numpy") as handle:
+    return list(handle.keys())
+
+
+def _safetensors_tensor(file: pathlib.Path, key: str) -> np.ndarray:
+  with safe_open(file, framework="numpy") as handle:
+    if handle.get_slice(key).get_dtype() != "BF16":
+      return handle.get_tensor(key)
+  with safe_open(file, framework="flax") as handle:  # numpy has no bfloat16; jax brings ml_dtypes'
+    return np.asarray(handle.get_tensor(key))
+
+
 def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
   index = path / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = _readable(index, "safetensors index", lambda: json.loads(index.read_text())["weight_map"])
     files = [path / name for name in sorted(set(weight_map.values()))]
   else:
     files = sorted(path.glob("*.safetensors"))
@@ -310,7 +332,7 @@ def load_gguf(path: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Mode
   import gguf  # only needed for GGUF files
 
   path = pathlib.Path(path)
-  reader = gguf.GGUFReader(path)
+  reader = _readable(path, "GGUF", lambda: gguf.GGUFReader(path))
   meta = {field.name: field.contents() for field in reader.fields.values()}
   tensors = {t.name: t for t in reader.tensors}
   config = gguf_config(meta, tensors, dtype=dtype)
@@ -318,7 +340,7 @@ def load_gguf(path: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Mode
 
   def read(name: str) -> np.ndarray:
     t = tensors[name]
-    array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    array = _readable(path, "GGUF", lambda: gguf.quants.dequantize(t.data, t.tensor_type)).astype(np.float32)
     if arch in _GGUF_ROPE_PERMUTED and re.search(r"\.attn_[qk]\.", name):
       heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
       array = unpermute_rope_rows(array, heads)

@@ -2,6 +2,7 @@
 
 import collections
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,56 @@ def test_bigrec_prompt_format():
   assert sources.parse_titles(rec["input"]) == ["A", "B, the sequel"]
   prompt, response = examples.prompt_text(rec)
   assert prompt.endswith("### Response:\n") and response == '"C"'
+
+
+def test_sequence_prompt_format():
+  prompt, response = examples.sequence_prompt(["A", "B, the sequel"], ["C", "D"], "movie")
+  assert prompt == 'The user has interacted with the following movies, oldest first, one per line:\n"A"\n"B, the sequel"\n'
+  assert response == '"C"\n"D"\n'
+  assert examples.sequence_prompt(["A"], [], "movie")[1] == ""
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 12, 25])
+def test_sequence_chunks_make_every_position_a_target_once(n):
+  h = 3
+  seq = np.arange(100, 100 + n)
+  targets, contexts = [], []
+  for start in examples.chunk_starts(n, h):
+    context, chunk_targets = examples.sequence_chunk(seq, start, h)
+    targets.extend(chunk_targets.tolist())
+    # the context is the items just before the chunk's targets, at most h of them
+    np.testing.assert_array_equal(context, seq[max(0, start - h):start])
+    contexts.append(len(context))
+  assert targets == seq[1:].tolist()
+  assert all(1 <= c <= h for c in contexts)
+
+
+def test_sequence_chunk_starts_cap_and_clients():
+  prep, _ = prepare_dataset("synthetic", seed=0, num_clients=3, partition="random")
+  prep = dataclasses.replace(prep, prompt="sequence")
+  every = pipeline.sequence_chunk_starts(prep)
+  total = sum(map(len, every))
+  assert total == sum(len(examples.chunk_starts(len(s), prep.split.history_len)) for s in prep.split.train)
+  for c, starts in enumerate(every):
+    assert all(prep.clients[u] == c for u, _ in starts)
+  capped = pipeline.sequence_chunk_starts(prep, max_chunks=total // 4, seed=1)
+  assert sum(map(len, capped)) == total // 4
+  assert capped == pipeline.sequence_chunk_starts(prep, max_chunks=total // 4, seed=1)  # seeded
+  assert all(set(k) <= set(e) for k, e in zip(capped, every))
+  # a chunk renders its context as the prompt and all its targets as the response
+  (u, start), = capped[0][:1]
+  context, targets = examples.sequence_chunk(prep.split.train[u], start, prep.split.history_len)
+  prompt, response = prep.sequence_prompts(0, [(u, start)])[0]
+  assert response == "".join(examples.title_line(prep.titles[i]) for i in targets)
+  assert prompt.endswith("".join(examples.title_line(prep.titles[i]) for i in context))
+
+
+def test_sequence_prompt_of_verbatim_records_is_an_error():
+  prep, _ = prepare_dataset("synthetic", seed=0, num_clients=2, partition="random")
+  w = prep.train.take(np.arange(2))
+  w = dataclasses.replace(w, text=tuple({"instruction": "i", "input": "x", "output": "y"} for _ in range(2)))
+  with pytest.raises(sources.DataError, match="--prompt=sequence"):
+    dataclasses.replace(prep, prompt="sequence").prompts(w)
 
 
 def test_eval_examples_render_prompts_without_answer():

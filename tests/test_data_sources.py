@@ -129,8 +129,26 @@ def test_malformed_line_and_skip(tmp_path):
 
 def test_non_numeric_field(tmp_path):
   d = ml_dir(tmp_path, ratings=RATINGS_CSV + "3,2,4.0,notatime\n")
-  with pytest.raises(DataError, match=r"ratings\.csv, line 6: non-numeric"):
+  with pytest.raises(DataError, match=r"ratings\.csv, line 6: timestamp/rating must be finite numbers.*notatime"):
     sources.read_movielens(d)
+
+
+@pytest.mark.parametrize("timestamp, rating", [("inf", "4.0"), ("1e30", "4.0"), ("-inf", "4.0"), ("300", "nan"),
+                                               ("300", "inf")])
+def test_non_finite_timestamp_or_rating(tmp_path, timestamp, rating):
+  d = ml_dir(tmp_path, ratings=RATINGS_CSV + f"3,2,{rating},{timestamp}\n")
+  with pytest.raises(DataError, match=r"ratings\.csv, line 6: timestamp/rating must be finite numbers"):
+    sources.read_movielens(d)
+  assert sources.read_movielens(d, skip_bad_lines=True).num_interactions == 4
+
+
+def test_amazon_null_rating(tmp_path):
+  write(tmp_path / "meta_X.json", json.dumps({"asin": "A1", "title": "T"}) + "\n")
+  good = json.dumps({"reviewerID": "u", "asin": "A1", "unixReviewTime": 1, "overall": 5.0})
+  write(tmp_path / "X.json", good + "\n" + json.dumps({"reviewerID": "v", "asin": "A1", "unixReviewTime": 2,
+                                                       "overall": None}) + "\n")
+  with pytest.raises(DataError, match=r"X\.json, line 2: timestamp/rating must be finite numbers.*None"):
+    sources.read_amazon(tmp_path)
 
 
 def test_bad_encoding(tmp_path):
@@ -172,6 +190,10 @@ def test_bigrec_json_errors(tmp_path):
     sources.read_bigrec_json(tmp_path)
   write(tmp_path / "train.json", json.dumps([bigrec_record("a", ["X"], "Y"), {"input": "x", "output": '"Y"'}]))
   with pytest.raises(DataError, match=r"train\.json, record 1: missing fields \['instruction', 'user'\]"):
+    sources.read_bigrec_json(tmp_path)
+  listed = dict(bigrec_record("a", ["X"], "Y"), output=['"Y"'])
+  write(tmp_path / "train.json", json.dumps([bigrec_record("a", ["X"], "Y"), listed]))
+  with pytest.raises(DataError, match=r"train\.json, record 1: fields \['output'\] must be strings, got \['list'\]"):
     sources.read_bigrec_json(tmp_path)
 
 

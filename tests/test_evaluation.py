@@ -118,8 +118,10 @@ def test_each_client_uses_its_own_adapter(setup):
     ev.evaluate_discriminative(config, base, tokenizer, jax.tree.map(lambda x: x[:1], lora_c), prep, "test")
 
 
-def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup):
+@pytest.mark.parametrize("prompt", ["alpaca", "sequence"])
+def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prompt):
   prep, config, _, tokenizer, _, _ = setup
+  prep = dataclasses.replace(prep, prompt=prompt)
   # With training's init std (0.02) the final norm caps every logit near 1, so no adapter can make the
   # model sure of a title; a larger std lets it.
   base = models.init_params(config, jax.random.key(1), std=0.2)
@@ -127,13 +129,13 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup):
   windows = windows.take(np.arange(8))
   excluded = ev.excluded_items(prep, windows, "test")
   target = next(i for i in range(len(prep.titles)) if not any(i in ex for ex in excluded))
-  prompts = [examples.prompt_text(r)[0] for r in examples.window_records(windows, prep.titles, "movie")]
-  rows = [pipeline.tokenize(tokenizer, p, examples.quoted(prep.titles[target]))[0] for p in prompts]
-  prompt_lens = [pipeline.tokenize(tokenizer, p, examples.quoted(prep.titles[target]))[1] for p in prompts]
-  ids_bt, mask_bt = pad_rows(rows, tokenizer.pad_id, "right")
+  # Training's (prompt, response) of each window answered with the target, tokenized as training does.
+  pairs = prep.prompts(dataclasses.replace(windows, target=np.full(len(windows), target, np.int32)))
+  tokenized = [pipeline.tokenize(tokenizer, p, r) for p, r in pairs]
+  ids_bt, mask_bt = pad_rows([ids for ids, _ in tokenized], tokenizer.pad_id, "right")
   # Next-token targets at the response positions only.
   loss_mask_bt = np.zeros_like(mask_bt)
-  for b, (row, p) in enumerate(zip(rows, prompt_lens)):
+  for b, (row, p) in enumerate(tokenized):
     loss_mask_bt[b, p - 1:len(row) - 1] = 1
 
   def loss_fn(lora):
@@ -146,19 +148,43 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup):
   opt_state = tx.init(lora)
   step = jax.jit(lambda lora, opt: (lambda g: (optax.apply_updates(lora, tx.update(g, opt)[0]), tx.update(g, opt)[1]))(
       jax.grad(loss_fn)(lora)))
-  trie = ev.catalogue_trie(tokenizer, prep.titles)
-  prompt_ids, prompt_mask = pad_rows(ev.text_rows(config, tokenizer, prompts, 512), tokenizer.pad_id, "left")
+  trie = ev.catalogue_trie(tokenizer, prep.titles, prompt)
+  prompt_ids, prompt_mask = pad_rows(ev.text_rows(config, tokenizer, [p for p, _ in pairs], 512), tokenizer.pad_id,
+                                     "left")
   exclude = metrics.exclusion_mask(excluded, len(prep.titles))
+  end = ev.response_end(tokenizer, prompt)
   rank = lambda lora: np.asarray(models.constrained_beam_search(config, base, prompt_ids, prompt_mask, trie, exclude,
-                                                                num_beams=5, eos_id=tokenizer.eos_id, lora=lora)[0])
+                                                                num_beams=5, eos_id=end, lora=lora)[0])
   assert (rank(lora)[:, 0] != target).any()
-  for _ in range(40):
+  for _ in range(60):
     lora, opt_state = step(lora, opt_state)
   assert float(loss_fn(lora)) < 0.3  # from ~6.6
   np.testing.assert_array_equal(rank(lora)[:, 0], target)
   exclude[:, target] = True  # excluded, the tuned title never appears, and the other beams are still items
   ranked = rank(lora)
   assert (ranked != target).all() and (ranked >= 0).all()
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "smollm2-135m"])
+def test_sequence_chunks_tokenize_as_the_trie(setup, model):
+  """A training chunk's response lines, encoded together, are its titles' trie sequences end to end, so
+  constrained decoding searches exactly the sequences training taught."""
+  tokenizer = setup[3]
+  if model != "tiny-llama":
+    try:
+      tokenizer = models.load(model)[2]
+    except FileNotFoundError as e:  # the weights package is optional
+      pytest.skip(str(e))
+  prep = dataclasses.replace(setup[0], prompt="sequence")
+  starts = pipeline.sequence_chunk_starts(prep)[0][:20]
+  end = ev.response_end(tokenizer, "sequence")
+  trie_rows = {t: tokenizer.encode(examples.title_line(t)) for t in prep.titles}
+  assert all(row[-1] == end and end not in row[:-1] for row in trie_rows.values())
+  ex = pipeline.tokenize_clients([prep.sequence_prompts(0, starts)], tokenizer, cutoff=4096)[0]
+  for n, (u, start) in enumerate(starts):
+    _, targets = examples.sequence_chunk(prep.split.train[u], start, prep.split.history_len)
+    response = ex.tokens[ex.offsets[n] + ex.loss_start[n]:ex.offsets[n + 1]].tolist()
+    assert response == [i for t in targets for i in trie_rows[prep.titles[t]]] + [tokenizer.eos_id]
 
 
 def test_baselines_schema_and_popularity_beats_random(setup):

@@ -30,7 +30,9 @@ def _main(*args, timeout=900):
                                        (dict(decoding=("beam",)), "--decoding"),
                                        (dict(decoding=("l2", "l2")), "--decoding"),
                                        (dict(decoding=("constrained",), num_beams=10), "--num_beams"),
-                                       (dict(prompt="short"), "--prompt")])
+                                       (dict(prompt="short"), "--prompt"),
+                                       (dict(dtype="int8"), "--dtype"), (dict(dtype="foo"), "--dtype"),
+                                       (dict(max_train_samples=0), "--max_train_samples")])
 def test_bad_settings_name_their_flag(bad, flag):
   with pytest.raises(ConfigError, match=flag):
     RunConfig(**bad)

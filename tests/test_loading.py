@@ -172,6 +172,33 @@ def test_gguf_loads_the_source_weights(tmp_path, arch, overrides):
   assert tokenizer.decode(ids, skip_special_tokens=False) == "hello hello<|im_end|>"
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.05])
+def test_truncated_gguf_names_the_file(tmp_path, keep):
+  config = models.tiny_llama(vocab_size=len(_gguf_tokenizer_metadata()[0]), num_layers=1)
+  path = tmp_path / "tiny.gguf"
+  _write_gguf(path, "llama", config, jax.tree.map(np.asarray, models.init_params(config, jax.random.key(0))))
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * keep)])
+  with pytest.raises(models.ModelError, match=rf"{path}: not a readable GGUF file"):
+    models.load(path)
+
+
+def test_garbage_safetensors_and_config_name_the_file(tmp_path, tiny_decoder):
+  config, params = tiny_decoder
+  raw, _ = _write_hf_llama(tmp_path, config, params)
+  weights = tmp_path / "model.safetensors"
+  data = weights.read_bytes()
+  weights.write_bytes(data[:len(data) // 2])  # the header promises more bytes than the file has
+  with pytest.raises(models.ModelError, match=rf"{weights}: not a readable safetensors file"):
+    models.load(tmp_path)
+  weights.write_bytes(b"not a safetensors file at all")
+  with pytest.raises(models.ModelError, match=rf"{weights}: not a readable safetensors file"):
+    models.load(tmp_path)
+  (tmp_path / "config.json").write_text('{"model_type": "llama",')
+  with pytest.raises(models.ModelError, match=rf"{tmp_path / 'config.json'}: not a readable JSON file"):
+    models.load(tmp_path)
+
+
 def test_unpermute_inverts_llama_cpp_permute():
   w = np.arange(8 * 3 * 5, dtype=np.float32).reshape(24, 5)  # 3 heads of head_dim 8
   permuted = w.reshape(3, 2, 4, 5).swapaxes(1, 2).reshape(24, 5)

@@ -104,9 +104,16 @@ def test_one_run_per_workdir(tmp_path):
     pass
 
 
-def test_user_errors_print_one_line_without_a_traceback(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "launch.main", "--dataset=movielens", f"--data_dir={tmp_path}",
-                        f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("flags, named", [
+    (["--dataset=movielens", "--data_dir={tmp}"], "{tmp}"),  # a data directory without ratings
+    # model errors come before the data work: the missing data directory is never reached
+    (["--model={tmp}/weights.gguf", "--dataset=movielens", "--data_dir={tmp}/none"], "unknown model '{tmp}/weights.gguf'"),
+    (["--model={root}/tests/fixtures/llama-7b", "--dataset=movielens", "--data_dir={tmp}/none"], "no *.safetensors"),
+])
+def test_user_errors_print_one_line_without_a_traceback(tmp_path, flags, named):
+  fill = lambda s: s.format(tmp=tmp_path, root=ROOT)
+  out = subprocess.run([sys.executable, "-m", "launch.main", *map(fill, flags), f"--workdir={tmp_path / 'w'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-2]
-  assert last.startswith("error: ") and str(tmp_path) in last, out.stderr[-2000:]
+  assert last.startswith("error: ") and fill(named) in last, out.stderr[-2000:]

@@ -2,7 +2,9 @@
 
 A window is (user, history, target): the target is an item of the user's training sequence and the
 history is up to `history_len` items before it (at least one). Generative training renders a window
-as a BIGRec Alpaca-style prompt; discriminative training uses the ids.
+as a BIGRec Alpaca-style prompt (or `--prompt=compact`: its input only); discriminative training uses
+the ids. `--prompt=sequence` renders the history as one quoted title per line and the target as the
+next line, so one training chunk carries many targets (`sequence_chunk`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ ALPACA_TEMPLATE = (
 # preamble and instruction are the same for every example), for CPU budgets.
 COMPACT_TEMPLATE = "### Input:\n{input}\n\n### Response:\n"
 TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "compact": COMPACT_TEMPLATE}
+SEQUENCE_HEADER = "The user has interacted with the following {nouns}, oldest first, one per line:\n"
+PROMPTS = (*TEMPLATES, "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,31 @@ def _plural(noun: str) -> str:
 def quoted(title: str) -> str:
   """A title as BIGRec writes it in prompts and responses."""
   return f'"{title}"'
+
+
+def title_line(title: str) -> str:
+  """`--prompt=sequence`'s unit: a quoted title and a newline, both in the history and as the response."""
+  return quoted(title) + "\n"
+
+
+def sequence_prompt(history_titles: Sequence[str], target_titles: Sequence[str], noun: str = "item"
+                    ) -> tuple[str, str]:
+  """(prompt, response) of `--prompt=sequence`: a header, the history one title line each, oldest first;
+  the response is the next titles' lines (one for a window, many for a training chunk, none to evaluate)."""
+  return (SEQUENCE_HEADER.format(nouns=_plural(noun)) + "".join(map(title_line, history_titles)),
+          "".join(map(title_line, target_titles)))
+
+
+def sequence_chunk(seq: np.ndarray, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """`(context, targets)` item ids of the training chunk of `seq` whose targets are `seq[start:start +
+  length]` (start >= 1): the context is the `length` items before them (fewer at the sequence's start),
+  so each target is predicted from between `length` and `2 * length - 1` items, as a window's history."""
+  return seq[max(0, start - length):start], seq[start:start + length]
+
+
+def chunk_starts(n: int, length: int) -> range:
+  """Starts of the chunks that make each position >= 1 of an n-item sequence a target exactly once."""
+  return range(1, n, length)
 
 
 def bigrec_prompt(history_titles: Sequence[str], target_title: str | None, noun: str = "item") -> dict:

@@ -266,10 +266,34 @@ def tokenize_clients(prompts: Sequence[Sequence[tuple[str, str]]], tokenizer: To
   return out
 
 
-def generative_clients(prep: PreparedData, tokenizer: Tokenizer, **kwargs) -> list[TokenizedExamples]:
-  """Tokenized BIGRec training prompts per client (`tokenize_clients` keyword arguments)."""
-  return tokenize_clients([prep.prompts(prep.client_windows(c)) for c in range(prep.num_clients)], tokenizer,
-                          **kwargs)
+def generative_clients(prep: PreparedData, tokenizer: Tokenizer, *, max_chunks: int | None = None, seed: int = 0,
+                       **kwargs) -> list[TokenizedExamples]:
+  """Tokenized training prompts per client (`tokenize_clients` keyword arguments): a window each, or with
+  `prep.prompt == "sequence"` the `sequence_chunk_starts` chunks."""
+  if prep.prompt == "sequence":
+    prompts = [prep.sequence_prompts(c, starts)
+               for c, starts in enumerate(sequence_chunk_starts(prep, max_chunks=max_chunks, seed=seed))]
+  else:
+    prompts = [prep.prompts(prep.client_windows(c)) for c in range(prep.num_clients)]
+  return tokenize_clients(prompts, tokenizer, **kwargs)
+
+
+def sequence_chunk_starts(prep: PreparedData, *, max_chunks: int | None = None, seed: int = 0
+                          ) -> list[list[tuple[int, int]]]:
+  """Per client, the `(user, start)` of its users' `--prompt=sequence` training chunks
+  (`examples.sequence_chunk` of `history_len` targets): every training position >= 1 is a target of
+  exactly one chunk. `max_chunks` keeps a seeded sample over all clients."""
+  h = prep.split.history_len
+  chunks = [(u, start) for u, seq in enumerate(prep.split.train) for start in examples_lib.chunk_starts(len(seq), h)]
+  total = len(chunks)
+  if max_chunks is not None and max_chunks < total:
+    chunks = [chunks[i] for i in np.sort(np.random.default_rng(seed).choice(total, max_chunks, replace=False))]
+  per_client = [[] for _ in range(prep.num_clients)]
+  for u, start in chunks:
+    per_client[prep.clients[u]].append((u, start))
+  logging.info("--prompt=sequence: %d of %d training chunks of up to %d targets, per client %s", len(chunks), total,
+               h, [len(c) for c in per_client])
+  return per_client
 
 
 def heldout_windows(prep: PreparedData, part: str, max_users: int | None = None) -> list[examples_lib.Windows]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
@@ -32,7 +32,8 @@ class PreparedData:
     clients: [U] int32 client of each user.
     num_clients: C.
     train: all training windows (after the sample cap), across clients.
-    prompt_template: how `examples.prompt_text` renders their prompts (`examples.TEMPLATES`).
+    prompt: how their prompts are rendered (`examples.PROMPTS`): a template of `examples.TEMPLATES`, or
+      "sequence" (`examples.sequence_prompt`).
   """
 
   dataset: Dataset
@@ -40,12 +41,29 @@ class PreparedData:
   clients: np.ndarray
   num_clients: int
   train: examples_lib.Windows
-  prompt_template: str = examples_lib.ALPACA_TEMPLATE
+  prompt: str = "alpaca"
 
   def prompts(self, windows: examples_lib.Windows) -> list[tuple[str, str]]:
-    """(prompt, response) of each window in this data's template (an empty response for eval windows)."""
-    return [examples_lib.prompt_text(r, self.prompt_template)
-            for r in examples_lib.window_records(windows, self.titles, self.dataset.item_noun)]
+    """(prompt, response) of each window in this data's format (an empty response for eval windows)."""
+    noun = self.dataset.item_noun
+    if self.prompt != "sequence":
+      return [examples_lib.prompt_text(r, examples_lib.TEMPLATES[self.prompt])
+              for r in examples_lib.window_records(windows, self.titles, noun)]
+    if windows.text is not None:
+      raise sources.DataError("--prompt=sequence renders titles of item ids, but these windows are verbatim prompt "
+                      "records (bigrec_json): use --prompt=alpaca or compact")
+    return [examples_lib.sequence_prompt([self.titles[i] for i in h[m > 0]], [self.titles[t]] if t >= 0 else [], noun)
+            for h, m, t in zip(windows.history, windows.history_mask, windows.target)]
+
+  def sequence_prompts(self, c: int, starts: Sequence[tuple[int, int]]) -> list[tuple[str, str]]:
+    """`--prompt=sequence` training chunks `(user, start)` of client c's users (`examples.sequence_chunk`
+    of `history_len` targets) as (prompt, response)."""
+    out = []
+    for u, start in starts:
+      context, targets = examples_lib.sequence_chunk(self.split.train[u], start, self.split.history_len)
+      out.append(examples_lib.sequence_prompt([self.titles[i] for i in context], [self.titles[i] for i in targets],
+                                              self.dataset.item_noun))
+    return out
 
   @property
   def titles(self) -> tuple[str, ...]:

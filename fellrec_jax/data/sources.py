@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -163,6 +164,15 @@ def _split_rows(path: Path, encoding: str, errs: _Errors, sep: str, min_fields: 
     yield lineno, row
 
 
+def _finite(value: str | float | None) -> float | None:
+  """`value` as a finite float, or None (not a number, nan or inf)."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return None
+  return number if math.isfinite(number) else None
+
+
 class _Builder:
   """Accumulates interactions against a catalogue {item key: (title, category)}."""
 
@@ -171,16 +181,15 @@ class _Builder:
     self.users: dict[str, int] = {}
     self.rows: list[tuple[int, str, int, float]] = []
 
-  def add(self, errs: _Errors, lineno: int, user: str, item: str, ts: str, rating: str | float) -> None:
-    try:
-      t, r = int(float(ts)), float(rating)
-    except ValueError:
-      errs.bad(lineno, f"non-numeric timestamp/rating {ts!r}/{rating!r}")
+  def add(self, errs: _Errors, lineno: int, user: str, item: str, ts: str, rating: str | float | None) -> None:
+    t, r = _finite(ts), _finite(rating)
+    if t is None or r is None or abs(t) >= 2.0 ** 62:  # seconds; 2**62 leaves int64 room for differences
+      errs.bad(lineno, f"timestamp/rating must be finite numbers (a timestamp below 2**62), got {ts!r}/{rating!r}")
       return
     if item not in self.catalogue:
       errs.bad(lineno, f"item {item!r} has no title in the item metadata")
       return
-    self.rows.append((self.users.setdefault(user, len(self.users)), item, t, r))
+    self.rows.append((self.users.setdefault(user, len(self.users)), item, int(t), r))
 
   def build(self, name: str, noun: str, has_rating: bool = True, where: str = "") -> Dataset:
     if not self.rows:
@@ -363,6 +372,10 @@ def read_bigrec_json(path: str | Path) -> Dataset:
       missing = [k for k in ("instruction", "input", "output", "user") if not isinstance(rec, dict) or k not in rec]
       if missing:
         raise DataError(f"{f}, record {n}: missing fields {missing}")
+      not_text = [k for k in ("instruction", "input", "output") if not isinstance(rec[k], str)]
+      if not_text:
+        raise DataError(f"{f}, record {n}: fields {not_text} must be strings, got "
+                        f"{[type(rec[k]).__name__ for k in not_text]}")
       if not parse_titles(rec["output"]):
         raise DataError(f"{f}, record {n}: output has no quoted title: {rec['output']!r}")
       records.append({**{k: rec[k] for k in ("instruction", "input", "output")},
