@@ -1,10 +1,11 @@
 """Jitted KV-cache greedy and beam-search decoding for the decoder, batched with left padding.
 
-The prompt `[B, T]` (left padded) is prefilled into a cache of `S = T + N` slots (`N = max_new_tokens`).
-Generated token j is fed back into slot `T + j` at RoPE position `len_b + j` (`len_b` = the row's real
-prompt tokens), which continues the prompt's `cumsum(mask) - 1` positions. The key mask over the cache
-admits the prompt's real slots and the generated slots written so far, never left padding or slots not yet
-written. Each call is one `jax.jit` (config, lengths, ids and beam settings static) around a
+The prompt `[B, T]` (left padded) is prefilled once; its keys and values stay `[L, B, T, KV, H]`, shared
+by all of a row's hypotheses, which own only their generated tokens' cache of `N = max_new_tokens` slots
+(so beams reorder and copy N slots a step, never the prompt). Generated token j is fed back into slot j
+at RoPE position `len_b + j` (`len_b` = the row's real prompt tokens), which continues the prompt's
+`cumsum(mask) - 1` positions. Attention admits the prompt's real tokens and the generated slots written
+so far, never left padding or slots not yet written (`transformer.prefix_attention`). Each call is one `jax.jit` (config, lengths, ids and beam settings static) around a
 `lax.while_loop` that stops early once every row is finished.
 
 Beam search is HF's vectorised beam search with `early_stopping=False`: per row, `num_beams` running
@@ -29,7 +30,15 @@ from models import transformer as tfm
 from models.config import ModelConfig
 from models.transformer import Params
 
-Cache = tuple[jax.Array, jax.Array]  # (k_lbskh, v_lbskh)
+Cache = tuple[jax.Array, jax.Array]  # the generated tokens' (k_lrnkh, v_lrnkh), R rows of N slots
+
+
+class _Prompt(NamedTuple):
+  """The prompts' keys and values `[L, B, T, KV, H]`, written once by the prefill and read by every
+  hypothesis of the row (beams never copy them)."""
+  k_lbtkh: jax.Array
+  v_lbtkh: jax.Array
+  mask_bt: jax.Array
 
 
 def _lora_blocks(lora: Params | None) -> Params | None:
@@ -37,36 +46,36 @@ def _lora_blocks(lora: Params | None) -> Params | None:
 
 
 def _prefill(config: ModelConfig, params: Params, lora: Params | None, input_ids_bt: jax.Array,
-             attention_mask_bt: jax.Array, max_new_tokens: int) -> tuple[jax.Array, Cache]:
-  """Writes the prompt into a fresh `[L, B, T + N, KV, H]` cache; returns `(logits_bv, cache)`.
-
-  `logits_bv` predicts the first new token: with left padding the last column is every row's last token.
-  """
+             attention_mask_bt: jax.Array) -> tuple[jax.Array, _Prompt]:
+  """Runs the prompts; returns `(logits_bv, prompt)`. `logits_bv` predicts the first new token: with left
+  padding the last column is every row's last token."""
   b, t = input_ids_bt.shape
-  shape = (config.num_layers, b, t + max_new_tokens, config.num_kv_heads, config.head_dim)
-  cache_k_lbskh, cache_v_lbskh = jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
-  mask_b1ts = jnp.pad(tfm.self_attention_mask(config, attention_mask_bt),
-                      ((0, 0), (0, 0), (0, 0), (0, max_new_tokens)))
+  shape = (config.num_layers, b, t, config.num_kv_heads, config.head_dim)
   x_btd = tfm.embed(config, params, input_ids_bt)
-  x_btd, cache = tfm.run_blocks(config, params["blocks"], x_btd, attention_mask_bt,
-                                lora_blocks=_lora_blocks(lora), kv_cache=(cache_k_lbskh, cache_v_lbskh, 0),
-                                positions_bt=tfm.positions_from_mask(attention_mask_bt), mask_b1ts=mask_b1ts)
-  return tfm.outputs(config, params, x_btd[:, -1:])[:, 0], cache
+  x_btd, (k_lbtkh, v_lbtkh) = tfm.run_blocks(
+      config, params["blocks"], x_btd, attention_mask_bt, lora_blocks=_lora_blocks(lora),
+      kv_cache=(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), 0),
+      positions_bt=tfm.positions_from_mask(attention_mask_bt), mask_b1ts=tfm.self_attention_mask(config, attention_mask_bt))
+  return tfm.outputs(config, params, x_btd[:, -1:])[:, 0], _Prompt(k_lbtkh, v_lbtkh, attention_mask_bt)
 
 
-def _decode(config: ModelConfig, params: Params, lora: Params | None, token_b: jax.Array, step: jax.Array,
-            cache: Cache, attention_mask_bt: jax.Array) -> tuple[jax.Array, Cache]:
-  """Feeds generated token number `step` of every row into slot `T + step`; returns `(logits_bv, cache)`."""
-  b, t = attention_mask_bt.shape
-  n = cache[0].shape[2] - t
-  positions_b1 = (attention_mask_bt.astype(jnp.int32).sum(-1) + step)[:, None]
-  written_bn = jnp.broadcast_to(jnp.arange(n) <= step, (b, n))
-  valid_bs = jnp.concatenate([attention_mask_bt.astype(bool), written_bn], axis=1)
-  x_b1d = tfm.embed(config, params, token_b[:, None])
-  x_b1d, cache = tfm.run_blocks(config, params["blocks"], x_b1d, None, lora_blocks=_lora_blocks(lora),
-                                kv_cache=(*cache, t + step), positions_bt=positions_b1,
-                                mask_b1ts=valid_bs[:, None, None, :])
-  return tfm.outputs(config, params, x_b1d)[:, 0], cache
+def _empty_cache(config: ModelConfig, rows: int, max_new_tokens: int) -> Cache:
+  shape = (config.num_layers, rows, max_new_tokens, config.num_kv_heads, config.head_dim)
+  return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
+
+
+def _decode(config: ModelConfig, params: Params, lora: Params | None, token_r: jax.Array, step: jax.Array,
+            cache: Cache, prompt: _Prompt) -> tuple[jax.Array, Cache]:
+  """Feeds generated token number `step` of every row into slot `step` of `cache`; R = B * J rows, the J
+  consecutive rows of prompt b (its hypotheses) attending to it. Returns `(logits_rv, cache)`."""
+  r, n = token_r.shape[0], cache[0].shape[2]
+  length_r = jnp.repeat(prompt.mask_bt.astype(jnp.int32).sum(-1), r // prompt.mask_bt.shape[0])
+  written_r11n = jnp.broadcast_to(jnp.arange(n) <= step, (r, 1, 1, n))
+  x_r1d = tfm.embed(config, params, token_r[:, None])
+  x_r1d, cache = tfm.run_blocks(config, params["blocks"], x_r1d, None, lora_blocks=_lora_blocks(lora),
+                                kv_cache=(*cache, step), positions_bt=(length_r + step)[:, None],
+                                mask_b1ts=written_r11n, prefix=prompt)
+  return tfm.outputs(config, params, x_r1d)[:, 0], cache
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -96,10 +105,10 @@ def _greedy(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attent
             lora: Params | None, max_new_tokens: int, eos_id: int | None, pad_id: int) -> _Greedy:
   """The final greedy state: tokens `[B, N]` plus each row's logprob sum and length."""
   b = input_ids_bt.shape[0]
-  logits_bv, cache = _prefill(config, params, lora, input_ids_bt, attention_mask_bt, max_new_tokens)
+  logits_bv, prompt = _prefill(config, params, lora, input_ids_bt, attention_mask_bt)
   state = _Greedy(step=jnp.int32(0), tokens_bn=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                   done_b=jnp.zeros(b, bool), logprob_b=jnp.zeros(b, jnp.float32),
-                  length_b=jnp.zeros(b, jnp.int32), cache=cache)
+                  length_b=jnp.zeros(b, jnp.int32), cache=_empty_cache(config, b, max_new_tokens))
   state = _greedy_pick(state, logits_bv, eos_id, pad_id)
 
   def cond(s: _Greedy):
@@ -107,7 +116,7 @@ def _greedy(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attent
 
   def body(s: _Greedy):
     last_b = jax.lax.dynamic_index_in_dim(s.tokens_bn, s.step - 1, axis=1, keepdims=False)
-    logits_bv, cache = _decode(config, params, lora, last_b, s.step - 1, s.cache, attention_mask_bt)
+    logits_bv, cache = _decode(config, params, lora, last_b, s.step - 1, s.cache, prompt)
     return _greedy_pick(s._replace(cache=cache), logits_bv, eos_id, pad_id)
 
   return jax.lax.while_loop(cond, body, state)
@@ -183,16 +192,14 @@ def _beams(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attenti
            length_penalty: float) -> _Beams:
   """The final beam state; the best hypothesis of row b is `pool_seqs_bkn[b, 0]`."""
   b, k, n = input_ids_bt.shape[0], num_beams, max_new_tokens
-  logits_bv, cache = _prefill(config, params, lora, input_ids_bt, attention_mask_bt, n)
-  # All beams share the prompt: prefill once per row, then copy.
-  cache = tuple(jnp.repeat(c_lbskh, k, axis=1) for c_lbskh in cache)
-  mask_rt = jnp.repeat(attention_mask_bt, k, axis=0)
+  logits_bv, prompt = _prefill(config, params, lora, input_ids_bt, attention_mask_bt)
   empty_bkn = jnp.full((b, k, n), pad_id, jnp.int32)
   # Only beam 0 is live at first, so the first step's candidates are distinct tokens.
   state = _Beams(step=jnp.int32(0), seqs_bkn=empty_bkn,
                  scores_bk=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-jnp.inf),
                  parent_bk=jnp.zeros((b, k), jnp.int32), pool_seqs_bkn=empty_bkn,
-                 pool_scores_bk=jnp.full((b, k), -jnp.inf, jnp.float32), done_b=jnp.zeros(b, bool), cache=cache)
+                 pool_scores_bk=jnp.full((b, k), -jnp.inf, jnp.float32), done_b=jnp.zeros(b, bool),
+                 cache=_empty_cache(config, b * k, n))
   pick = functools.partial(_beam_pick, eos_id=eos_id, length_penalty=length_penalty, max_new_tokens=n)
   state = pick(state, jnp.broadcast_to(logits_bv[:, None], (b, k, logits_bv.shape[-1])))
 
@@ -201,7 +208,7 @@ def _beams(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attenti
 
   def body(s: _Beams):
     last_r = jax.lax.dynamic_index_in_dim(s.seqs_bkn, s.step - 1, axis=2, keepdims=False).reshape(-1)
-    logits_rv, cache = _decode(config, params, lora, last_r, s.step - 1, _reorder(s.cache, s.parent_bk), mask_rt)
+    logits_rv, cache = _decode(config, params, lora, last_r, s.step - 1, _reorder(s.cache, s.parent_bk), prompt)
     return pick(s._replace(cache=cache), logits_rv.reshape(b, k, -1))
 
   return jax.lax.while_loop(cond, body, state)
@@ -369,14 +376,12 @@ def constrained_beam_search(config: ModelConfig, params: Params, input_ids: jax.
     lo_bn, hi_bn = trie.lo_n[node_bn], trie.hi_n[node_bn]
     return excluded_before_bq[rows_b1, hi_bn] - excluded_before_bq[rows_b1, lo_bn] < hi_bn - lo_bn
 
-  logits_bv, cache = _prefill(config, params, lora, input_ids, attention_mask, n)
-  cache = tuple(jnp.repeat(c_lbskh, k, axis=1) for c_lbskh in cache)
-  mask_rt = jnp.repeat(attention_mask, k, axis=0)
+  logits_bv, prompt = _prefill(config, params, lora, input_ids, attention_mask)
   zeros_bk = jnp.zeros((b, k), jnp.int32)
   state = _TrieBeams(step=jnp.int32(0), token_bk=zeros_bk, node_bk=zeros_bk,
                      scores_bk=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-jnp.inf), parent_bk=zeros_bk,
                      pool_scores_bk=jnp.full((b, k), -jnp.inf, jnp.float32), pool_leaf_bk=zeros_bk,
-                     done_b=jnp.zeros(b, bool), cache=cache)
+                     done_b=jnp.zeros(b, bool), cache=_empty_cache(config, b * k, n))
   pick = functools.partial(_trie_pick, trie=trie, alive_bn=alive_bn, eos_id=eos_id, length_penalty=length_penalty)
   state = pick(state, jnp.broadcast_to(logits_bv[:, None], (b, k, logits_bv.shape[-1])))
 
@@ -385,7 +390,7 @@ def constrained_beam_search(config: ModelConfig, params: Params, input_ids: jax.
 
   def body(s: _TrieBeams):
     logits_rv, cache = _decode(config, params, lora, s.token_bk.reshape(-1), s.step - 1,
-                               _reorder(s.cache, s.parent_bk), mask_rt)
+                               _reorder(s.cache, s.parent_bk), prompt)
     return pick(s._replace(cache=cache), logits_rv.reshape(b, k, -1))
 
   s = jax.lax.while_loop(cond, body, state)

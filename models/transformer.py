@@ -103,6 +103,28 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1ts
   return out.reshape(b, t, n * h)
 
 
+def prefix_attention(q_rtnh: jax.Array, k_rskh: jax.Array, v_rskh: jax.Array, mask_r1ts: jax.Array,
+                     prefix_k_bpkh: jax.Array, prefix_v_bpkh: jax.Array, prefix_mask_bp: jax.Array) -> jax.Array:
+  """`attention` of R = B * J rows, each group of J consecutive rows (a prompt's beams) sharing one
+  prefix: the keys are the prefix's `[B, P]` (where `prefix_mask_bp`) then the row's own `[R, S]`
+  (where `mask_r1ts`), one softmax over both. The prefix is read once per prompt, never copied per row."""
+  r, t, n, h = q_rtnh.shape
+  b, s, kv = prefix_k_bpkh.shape[0], k_rskh.shape[1], k_rskh.shape[2]
+  j = r // b
+  q = q_rtnh.reshape(b, j, t, kv, n // kv, h)
+  k_bjskh, v_bjskh = k_rskh.reshape(b, j, s, kv, h), v_rskh.reshape(b, j, s, kv, h)
+  low, scale = jnp.finfo(jnp.float32).min, math.sqrt(h)
+  logits_p = jnp.einsum("bjtkgh,bpkh->bjkgtp", q, prefix_k_bpkh, preferred_element_type=jnp.float32) / scale
+  logits_p = jnp.where(prefix_mask_bp.astype(bool)[:, None, None, None, None, :], logits_p, low)
+  logits_s = jnp.einsum("bjtkgh,bjskh->bjkgts", q, k_bjskh, preferred_element_type=jnp.float32) / scale
+  logits_s = jnp.where(mask_r1ts.reshape(b, j, 1, 1, t, s), logits_s, low)
+  probs = jax.nn.softmax(jnp.concatenate([logits_p, logits_s], axis=-1), axis=-1).astype(v_rskh.dtype)
+  p = prefix_k_bpkh.shape[1]
+  out = (jnp.einsum("bjkgtp,bpkh->bjtkgh", probs[..., :p], prefix_v_bpkh)
+         + jnp.einsum("bjkgts,bjskh->bjtkgh", probs[..., p:], v_bjskh))
+  return out.reshape(r, t, n * h)
+
+
 # ----------------------------------------------------------------------------- masks and positions
 
 def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
@@ -123,11 +145,13 @@ def self_attention_mask(config: ModelConfig, attention_mask_bt: jax.Array) -> ja
 
 # ----------------------------------------------------------------------------- blocks
 
-def _block(config: ModelConfig, x_btd, p: Params, lora: Params | None, rng, positions_bt, mask_b1ts, kv_cache):
+def _block(config: ModelConfig, x_btd, p: Params, lora: Params | None, rng, positions_bt, mask_b1ts, kv_cache,
+           prefix=None):
   """One decoder (pre-norm, RoPE, SwiGLU) or encoder (post-norm, GELU) block.
 
   `kv_cache` is `None` or `(k_bskh, v_bskh, index)`: new keys/values are written at `index` and
-  attention runs over the whole cache. Returns `(x_btd, (k_bskh, v_bskh) or None)`.
+  attention runs over the whole cache, after `prefix` `(k_bpkh, v_bpkh, mask_bp)` when given
+  (`prefix_attention`). Returns `(x_btd, (k_bskh, v_bskh) or None)`.
   """
   lora = lora or {}
   keys = dict(zip(("q", "k", "v", "o", "gate", "up", "down"), jax.random.split(rng, 7))) if rng is not None else {}
@@ -148,7 +172,7 @@ def _block(config: ModelConfig, x_btd, p: Params, lora: Params | None, rng, posi
     k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
     v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
     new_cache = (k, v)
-  attn = proj("o", attention(q, k, v, mask_b1ts))
+  attn = proj("o", attention(q, k, v, mask_b1ts) if prefix is None else prefix_attention(q, k, v, mask_b1ts, *prefix))
 
   if config.is_decoder:
     x = x_btd + attn
@@ -163,12 +187,14 @@ def _block(config: ModelConfig, x_btd, p: Params, lora: Params | None, rng, posi
 def run_blocks(config: ModelConfig, blocks: Params, x_btd: jax.Array, attention_mask_bt: jax.Array, *,
                lora_blocks: Params | None = None, rng: jax.Array | None = None,
                kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-               positions_bt: jax.Array | None = None, mask_b1ts: jax.Array | None = None):
+               positions_bt: jax.Array | None = None, mask_b1ts: jax.Array | None = None,
+               prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None):
   """Runs a stack of blocks (leading layer axis, possibly empty) with `lax.scan`.
 
   Without a cache, positions and the mask are derived from `attention_mask_bt` ([B, T]); with
-  `kv_cache=(k_lbskh, v_lbskh, index)` the caller passes positions and the `[B, 1, T, S]` mask.
-  Returns `x_btd`, or `(x_btd, (k_lbskh, v_lbskh))` with a cache.
+  `kv_cache=(k_lbskh, v_lbskh, index)` the caller passes positions and the `[B, 1, T, S]` mask, and
+  optionally a read-only `prefix=(k_lbpkh, v_lbpkh, mask_bp)` that groups of rows attend to first
+  (`prefix_attention`). Returns `x_btd`, or `(x_btd, (k_lbskh, v_lbskh))` with a cache.
   """
   num_layers = jax.tree.leaves(blocks)[0].shape[0]
   if positions_bt is None:
@@ -179,15 +205,17 @@ def run_blocks(config: ModelConfig, blocks: Params, x_btd: jax.Array, attention_
   caches = None if kv_cache is None else kv_cache[:2]
   index = None if kv_cache is None else kv_cache[2]
 
+  prefix_kv = None if prefix is None else prefix[:2]
+
   def step(x, layer):
-    p, lp, key, cache = layer
+    p, lp, key, cache, pre = layer
     x, new_cache = _block(config, x, p, lp, key, positions_bt, mask_b1ts,
-                          None if cache is None else (*cache, index))
+                          None if cache is None else (*cache, index), None if pre is None else (*pre, prefix[2]))
     return x, new_cache
 
   if config.remat:
     step = jax.checkpoint(step)
-  x, new_caches = jax.lax.scan(step, x_btd, (blocks, lora_blocks, rngs, caches))
+  x, new_caches = jax.lax.scan(step, x_btd, (blocks, lora_blocks, rngs, caches, prefix_kv))
   return x if kv_cache is None else (x, new_caches)
 
 
