@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,17 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   workdir.mkdir(parents=True, exist_ok=True)
   writer = report.ScalarWriter(workdir / "tensorboard")
 
+  # A loss no better than a uniform guess over the classes (tokens, or items when discriminative) is
+  # a collapsed model, as too high a learning rate leaves it: finite, so never counted as diverged.
+  uniform_loss = math.log(config.vocab_size if cfg.task == "generative" else len(prep.titles))
+
   def on_round(log):
+    collapsed = [c for c, loss in enumerate(log["train_loss"]) if loss >= uniform_loss - 0.01]
+    if collapsed:
+      logging.warning("[%s] round %d: client(s) %s train no better than a uniform guess (loss %s >= ln %d = %.3f): "
+                      "the model has collapsed, usually from too high a --learning_rate", name, log["round"],
+                      collapsed, np.round(np.asarray(log["train_loss"])[collapsed], 3).tolist(),
+                      round(math.exp(uniform_loss)), uniform_loss)
     valid = ", ".join(f"valid {k[5:]} {v:.4f}" for k, v in log.get("valid", {}).items() if k.startswith("mean_"))
     logging.info("[%s] round %d: train loss %s%s, %.1fs (training %.0f tokens/s)", name, log["round"],
                  np.round(log["train_loss"], 3).tolist(), valid and ", " + valid, log["seconds"],

@@ -70,8 +70,12 @@ def workdir_lock(workdir: str | Path) -> Iterator[None]:
     yield
     return
   path = Path(workdir).absolute() / ".lock"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a+") as f:
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = open(path, "a+")
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be created or written ({e.strerror}: {e.filename})") from e
+  with lock_file as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

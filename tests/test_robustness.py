@@ -109,10 +109,12 @@ def test_one_run_per_workdir(tmp_path):
     # model errors come before the data work: the missing data directory is never reached
     (["--model={tmp}/weights.gguf", "--dataset=movielens", "--data_dir={tmp}/none"], "unknown model '{tmp}/weights.gguf'"),
     (["--model={root}/tests/fixtures/llama-7b", "--dataset=movielens", "--data_dir={tmp}/none"], "no *.safetensors"),
+    (["--workdir={tmp}/file/w"], "--workdir={tmp}/file/w cannot be created"),  # under a regular file
 ])
 def test_user_errors_print_one_line_without_a_traceback(tmp_path, flags, named):
   fill = lambda s: s.format(tmp=tmp_path, root=ROOT)
-  out = subprocess.run([sys.executable, "-m", "launch.main", *map(fill, flags), f"--workdir={tmp_path / 'w'}"],
+  (tmp_path / "file").write_text("not a directory")
+  out = subprocess.run([sys.executable, "-m", "launch.main", f"--workdir={tmp_path / 'w'}", *map(fill, flags)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-2]
