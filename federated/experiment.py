@@ -245,12 +245,15 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   uniform_loss = math.log(config.vocab_size if cfg.task == "generative" else len(prep.titles))
 
   def on_round(log):
-    collapsed = [c for c, loss in enumerate(log["train_loss"]) if loss >= uniform_loss - 0.01]
+    # The validation loss after the round, where there is one: a round's mean training loss still
+    # averages in the steps before the collapse.
+    losses = np.asarray(log["valid"]["loss"] if "valid" in log else log["train_loss"])
+    collapsed = np.flatnonzero(losses >= uniform_loss - 0.01).tolist()
     if collapsed:
-      logging.warning("[%s] round %d: client(s) %s train no better than a uniform guess (loss %s >= ln %d = %.3f): "
-                      "the model has collapsed, usually from too high a --learning_rate", name, log["round"],
-                      collapsed, np.round(np.asarray(log["train_loss"])[collapsed], 3).tolist(),
-                      round(math.exp(uniform_loss)), uniform_loss)
+      logging.warning("[%s] round %d: client(s) %s predict no better than a uniform guess (%s loss %s >= ln %d = "
+                      "%.3f): the model has collapsed, usually from too high a --learning_rate", name, log["round"],
+                      collapsed, "validation" if "valid" in log else "training",
+                      np.round(losses[collapsed], 3).tolist(), round(math.exp(uniform_loss)), uniform_loss)
     valid = ", ".join(f"valid {k[5:]} {v:.4f}" for k, v in log.get("valid", {}).items() if k.startswith("mean_"))
     logging.info("[%s] round %d: train loss %s%s, %.1fs (training %.0f tokens/s)", name, log["round"],
                  np.round(log["train_loss"], 3).tolist(), valid and ", " + valid, log["seconds"],
