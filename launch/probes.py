@@ -135,10 +135,6 @@ def run_probe(probe: Probe, timeout: float = 600) -> dict:
           "answer": tail.replace(str(d), "{d}")}
 
 
-flags.DEFINE_string("out", None, "Write the results as JSON here.")
-flags.DEFINE_string("only", None, "Run only the probes whose name contains this text.")
-
-
 def main(argv):
   del argv
   results = []
@@ -154,5 +150,7 @@ def main(argv):
     pathlib.Path(flags.FLAGS.out).write_text(json.dumps({"counts": counts, "probes": results}, indent=1))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here only, so importing the probes (tests) defines none
+  flags.DEFINE_string("out", None, "Write the results as JSON here.")
+  flags.DEFINE_string("only", None, "Run only the probes whose name contains this text.")
   app.run(main)

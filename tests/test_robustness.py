@@ -119,3 +119,12 @@ def test_user_errors_print_one_line_without_a_traceback(tmp_path, flags, named):
   assert out.returncode != 0 and "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-2]
   assert last.startswith("error: ") and fill(named) in last, out.stderr[-2000:]
+
+
+def test_probes_classify_a_named_error_as_clear_and_an_unnamed_one_as_unclear():
+  import dataclasses
+  from launch import probes
+  probe = next(p for p in probes.PROBES if p.name == "dtype int8")
+  clear = probes.run_probe(probe)
+  assert clear["verdict"] == "CLEAR" and clear["exit"] != 0 and "--dtype" in clear["answer"]
+  assert probes.run_probe(dataclasses.replace(probe, expect="--no_such_flag"))["verdict"] == "UNCLEAR"
