@@ -127,28 +127,17 @@ def test_malformed_line_and_skip(tmp_path):
   assert sources.read_movielens(d, skip_bad_lines=True).num_interactions == 4
 
 
-def test_non_numeric_field(tmp_path):
-  d = ml_dir(tmp_path, ratings=RATINGS_CSV + "3,2,4.0,notatime\n")
-  with pytest.raises(DataError, match=r"ratings\.csv, line 6: timestamp/rating must be finite numbers.*notatime"):
-    sources.read_movielens(d)
-
-
-@pytest.mark.parametrize("timestamp, rating", [("inf", "4.0"), ("1e30", "4.0"), ("-inf", "4.0"), ("300", "nan"),
-                                               ("300", "inf")])
-def test_non_finite_timestamp_or_rating(tmp_path, timestamp, rating):
-  d = ml_dir(tmp_path, ratings=RATINGS_CSV + f"3,2,{rating},{timestamp}\n")
-  with pytest.raises(DataError, match=r"ratings\.csv, line 6: timestamp/rating must be finite numbers"):
+@pytest.mark.parametrize("line, message", [
+    ("3,2,4.0,notatime", "timestamp/rating must be finite numbers.*notatime"),
+    *[(f"3,2,{rating},{timestamp}", "timestamp/rating must be finite numbers")
+      for timestamp, rating in [("inf", "4.0"), ("1e30", "4.0"), ("-inf", "4.0"), ("300", "nan"), ("300", "inf")]],
+    ("2,99,4.0,300", "item '99' has no title"),
+])
+def test_bad_ratings_line_is_named_and_skippable(tmp_path, line, message):
+  d = ml_dir(tmp_path, ratings=RATINGS_CSV + line + "\n")
+  with pytest.raises(DataError, match=rf"ratings\.csv, line 6: {message}"):
     sources.read_movielens(d)
   assert sources.read_movielens(d, skip_bad_lines=True).num_interactions == 4
-
-
-def test_amazon_null_rating(tmp_path):
-  write(tmp_path / "meta_X.json", json.dumps({"asin": "A1", "title": "T"}) + "\n")
-  good = json.dumps({"reviewerID": "u", "asin": "A1", "unixReviewTime": 1, "overall": 5.0})
-  write(tmp_path / "X.json", good + "\n" + json.dumps({"reviewerID": "v", "asin": "A1", "unixReviewTime": 2,
-                                                       "overall": None}) + "\n")
-  with pytest.raises(DataError, match=r"X\.json, line 2: timestamp/rating must be finite numbers.*None"):
-    sources.read_amazon(tmp_path)
 
 
 def test_bad_encoding(tmp_path):
@@ -158,16 +147,13 @@ def test_bad_encoding(tmp_path):
   assert sources.read_movielens(d, skip_bad_lines=True).num_items == 3
 
 
-def test_item_without_title(tmp_path):
-  d = ml_dir(tmp_path, ratings=RATINGS_CSV + "2,99,4.0,300\n")
-  with pytest.raises(DataError, match=r"ratings\.csv, line 6: item '99' has no title"):
-    sources.read_movielens(d)
-  assert sources.read_movielens(d, skip_bad_lines=True).num_interactions == 4
-
-
 def test_amazon_malformed_json_and_fields(tmp_path):
   write(tmp_path / "meta_X.json", json.dumps({"asin": "A1", "title": "T"}) + "\n")
   good = json.dumps({"reviewerID": "u", "asin": "A1", "unixReviewTime": 1, "overall": 5.0})
+  write(tmp_path / "X.json", good + "\n" + json.dumps({"reviewerID": "v", "asin": "A1", "unixReviewTime": 2,
+                                                       "overall": None}) + "\n")
+  with pytest.raises(DataError, match=r"X\.json, line 2: timestamp/rating must be finite numbers.*None"):
+    sources.read_amazon(tmp_path)
   write(tmp_path / "X.json", good + "\n{not json\n")
   with pytest.raises(DataError, match=r"X\.json, line 2: malformed JSON"):
     sources.read_amazon(tmp_path)
