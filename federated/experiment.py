@@ -143,13 +143,13 @@ def cache_client_heads(cfg: RunConfig, config: models.ModelConfig, base, example
   """`--cache_head`: each client's head activations `[N, T, D]` (embeddings and blocks [0, k) without
   adapters, on frozen item inputs) computed once, as `examples[c].head_act`; every epoch reuses them."""
   @functools.partial(jax.jit, static_argnums=0)
-  def head_act(k, ids, mask):
+  def head_act(k, base, ids, mask):  # the base is an argument: closed over, it would be baked in as constants
     head = models.split(config, base, k)[0]
     return models.client_head(config, models.item_token_params(head, base["items"]["input_id"]), ids, mask)
 
   out = []
   for ex, k in zip(examples, cuts):
-    acts = [np.asarray(head_act(k, ex.input_ids[i:i + batch_size], ex.attention_mask[i:i + batch_size]))
+    acts = [np.asarray(head_act(k, base, ex.input_ids[i:i + batch_size], ex.attention_mask[i:i + batch_size]))
             for i in range(0, len(ex), batch_size)]
     out.append(dataclasses.replace(ex, head_act=np.concatenate(acts) if acts else
                                    np.zeros((0, ex.seq_len, config.hidden_size), np.float32)))

@@ -53,13 +53,6 @@ from models.transformer import Params
 PyTree = Any
 MIB = 2 ** 20
 
-# huggyllama/llama-7b config.json (the BIGRec/FELLRec backbone): 6,738,415,616 parameters, untied head.
-LLAMA_7B_HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 2048,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "pad_token_id": 0,
-    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 32000}
-
 
 # ----------------------------------------------------------------------------- shapes and counts
 

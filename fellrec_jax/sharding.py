@@ -53,17 +53,20 @@ def shared(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree)
 
 
-def replicated(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
 def put(tree: Any, shardings: Any) -> Any:
-  """Host values -> global arrays laid out by `shardings`.
+  """Values -> global arrays laid out by `shardings`.
 
-  Every process passes the same full values (our data and init are deterministic), and each fills
-  only its addressable shards, so this works unchanged on one host and on many.
+  A device array already laid out so is returned as is, and on one process a device array moves device
+  to device (`jax.device_put`), never through the host. Otherwise every process passes the same full
+  values (our data and init are deterministic) and each fills only its addressable shards, so this works
+  unchanged on one host and on many.
   """
   def one(x, s):
+    if isinstance(x, jax.Array):
+      if x.sharding.is_equivalent_to(s, x.ndim):
+        return x
+      if jax.process_count() == 1:
+        return jax.device_put(x, s)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
   return jax.tree.map(one, tree, shardings)

@@ -468,9 +468,13 @@ def aggregation_section(quick: bool, repeats: int, bandwidth: float, peak_flops:
   import jax.numpy as jnp
   import numpy as np
   from federated import strategies
-  table = Table("aggregation: fellrec_aggregate, fp32 adapters r=8 on q,v",
-                ["model", "C", "seconds", "stack GB", "bw roof s", "flop roof s", "roof fraction"])
+  table = Table("aggregation: fellrec_aggregate, fp32 adapters r=8 on q,v; FedAvg's weighted mean beside it, "
+                "and FedAvg as the C x C mix it used to be",
+                ["model", "C", "seconds", "stack GB", "bw roof s", "flop roof s", "roof fraction", "fedavg s",
+                 "fedavg as CxC mix s"])
   agg = jax.jit(lambda stacked, losses, r: strategies.fellrec_aggregate(stacked, losses, r, alpha=0.7, beta=1.0))
+  fedavg = jax.jit(strategies.fedavg_aggregate)
+  fedavg_dense = jax.jit(lambda stacked, w: strategies.mix(stacked, jnp.broadcast_to(w, (w.shape[0], w.shape[0]))))
   budget = available_memory_bytes()
   results = []
   sizes = sizes or [("smollm2-135m", (5, 64, 256) if quick else (5, 64, 256, 1024)),
@@ -490,14 +494,18 @@ def aggregation_section(quick: bool, repeats: int, bandwidth: float, peak_flops:
         continue
       stacked = synthetic_stack(shapes, c)
       losses = jnp.asarray(np.random.default_rng(c).uniform(0.5, 2.0, c), jnp.float32)
-      seconds, _ = median_seconds(lambda: agg(stacked, losses, 3), repeats if stack_bytes < GIB else 3)
+      reps = repeats if stack_bytes < GIB else 3
+      seconds, _ = median_seconds(lambda: agg(stacked, losses, 3), reps)
+      fedavg_seconds, _ = median_seconds(lambda: fedavg(stacked, losses), reps)
+      dense_seconds, _ = median_seconds(lambda: fedavg_dense(stacked, losses), reps)
       flops = 2 * 2.0 * c * c * (per_client // 4)
       t_bw, t_flop = 3 * stack_bytes / bandwidth, flops / peak_flops
       roof = max(t_bw, t_flop)
       entry |= {"seconds": seconds, "roofline_seconds": roof, "roofline_fraction": roof / seconds,
                 "bandwidth_roofline_seconds": t_bw, "bandwidth_roofline_fraction": t_bw / seconds,
-                "compute_roofline_seconds": t_flop, "flops": flops, "bound": "compute" if t_flop > t_bw else "memory"}
-      table.add(model, c, seconds, stack_bytes / 1e9, t_bw, t_flop, roof / seconds)
+                "compute_roofline_seconds": t_flop, "flops": flops, "bound": "compute" if t_flop > t_bw else "memory",
+                "fedavg_seconds": fedavg_seconds, "fedavg_dense_mix_seconds": dense_seconds}
+      table.add(model, c, seconds, stack_bytes / 1e9, t_bw, t_flop, roof / seconds, fedavg_seconds, dense_seconds)
       results.append(entry)
       del stacked
   return results

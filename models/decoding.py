@@ -397,3 +397,51 @@ def constrained_beam_search(config: ModelConfig, params: Params, input_ids: jax.
   position_bk = jnp.minimum(next_kept_bp[rows_b1, trie.lo_n[s.pool_leaf_bk]], num_items - 1)
   found_bk = s.pool_scores_bk > -jnp.inf
   return jnp.where(found_bk, trie.item_p[position_bk], -1), s.pool_scores_bk
+
+
+# ----------------------------------------------------------------------------- exact scores of given items
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+def response_logprobs(config: ModelConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
+                      tokens_in: jax.Array, length_i: jax.Array, items_bp: jax.Array, *,
+                      lora: Params | None = None, chunk: int = 8) -> jax.Array:
+  """The exact score `constrained_beam_search` gives an item (`length_penalty=0`): the sum of the model's
+  logprobs of its response's tokens after each left-padded prompt `[B, T]`, by teacher forcing.
+
+  The prompt is prefilled once; each row's P candidates run as P rows of N - 1 tokens attending to it
+  (`transformer.prefix_attention`), `chunk` candidates per row at a time to bound the `[B, chunk, N, V]`
+  logits.
+
+  Args:
+    tokens_in: `[I, N]` every item's response tokens (eos included), padded with anything.
+    length_i: `[I]` their lengths. items_bp: `[B, P]` the items to score per row.
+  Returns:
+    `[B, P]` float32 logprob sums.
+  """
+  b, p = items_bp.shape
+  n = tokens_in.shape[1]
+  logits_bv, prompt = _prefill(config, params, lora, input_ids, attention_mask)
+  first_bp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1),
+                                 tokens_in[items_bp, 0], axis=-1)
+  if n == 1:
+    return first_bp
+  c = min(chunk, p)
+  groups = -(-p // c)
+  items_gbc = jnp.pad(items_bp, ((0, 0), (0, groups * c - p))).reshape(b, groups, c).transpose(1, 0, 2)
+  length_r = jnp.repeat(attention_mask.astype(jnp.int32).sum(-1), c)
+  causal_r1ss = jnp.broadcast_to(jnp.tril(jnp.ones((n - 1, n - 1), bool)), (b * c, 1, n - 1, n - 1))
+
+  def rest(items_bc):  # the logprobs of tokens 1..N-1, each fed the tokens before it
+    tokens_rn = tokens_in[items_bc.reshape(-1)]
+    x_rsd = tfm.embed(config, params, tokens_rn[:, :-1])
+    x_rsd, _ = tfm.run_blocks(config, params["blocks"], x_rsd, None, lora_blocks=_lora_blocks(lora),
+                              kv_cache=(*_empty_cache(config, b * c, n - 1), 0),
+                              positions_bt=length_r[:, None] + jnp.arange(n - 1), mask_b1ts=causal_r1ss,
+                              prefix=prompt)
+    logprobs_rsv = jax.nn.log_softmax(tfm.outputs(config, params, x_rsd), axis=-1)
+    picked_rs = jnp.take_along_axis(logprobs_rsv, tokens_rn[:, 1:, None], axis=-1)[..., 0]
+    live_rs = jnp.arange(1, n) < length_i[items_bc.reshape(-1)][:, None]
+    return jnp.where(live_rs, picked_rs, 0.0).sum(-1).reshape(b, c)
+
+  rest_bp = jax.lax.map(rest, items_gbc).transpose(1, 0, 2).reshape(b, groups * c)[:, :p]
+  return first_bp + rest_bp

@@ -28,15 +28,15 @@ def fit_causal_lm(config: ModelConfig, params: Params, input_ids: np.ndarray, at
     return jnp.sum(nll * m) / jnp.maximum(m.sum(), 1.0)
 
   @jax.jit
-  def train(p, key):
+  def train(p, key, ids_nt, mask_nt):  # the rows are arguments, not constants baked into the program
     def step(carry, k):
       p, opt = carry
-      idx = jax.random.randint(k, (batch_size,), 0, input_ids.shape[0])
-      loss, g = jax.value_and_grad(loss_fn)(p, jnp.asarray(input_ids)[idx], jnp.asarray(attention_mask)[idx])
+      idx = jax.random.randint(k, (batch_size,), 0, ids_nt.shape[0])
+      loss, g = jax.value_and_grad(loss_fn)(p, ids_nt[idx], mask_nt[idx])
       updates, opt = tx.update(g, opt, p)
       return (optax.apply_updates(p, updates), opt), loss
     (p, _), losses = jax.lax.scan(step, (p, tx.init(p)), jax.random.split(key, steps))
     return p, jnp.mean(losses[-max(steps // 10, 1):])
 
-  fitted, loss = train(params, jax.random.key(seed))
+  fitted, loss = train(params, jax.random.key(seed), jnp.asarray(input_ids), jnp.asarray(attention_mask))
   return fitted, float(loss)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import federated  # the package exports the strategies (`from federated import fellrec_aggregate`)
 from federated import strategies
 
 
@@ -54,7 +55,7 @@ def test_fellrec_matches_released_numpy(variant, beta, epoch):
   expected = released_get_aggregate_lora_weight([_flatten(stacked, i) for i in range(c)], losses, epoch,
                                                 0.7, beta, variant)
   stacked32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stacked)
-  got = jax.jit(strategies.fellrec_aggregate, static_argnames=("alpha", "beta", "temperature", "variant"))(
+  got = jax.jit(federated.fellrec_aggregate, static_argnames=("alpha", "beta", "temperature", "variant"))(
       stacked32, jnp.asarray(losses, jnp.float32), epoch, alpha=0.7, beta=beta, variant=variant)
   for i in range(c):
     np.testing.assert_allclose(_flatten(got, i), expected[i], rtol=1e-5, atol=1e-5)

@@ -46,6 +46,7 @@ def test_synthetic_batches_are_right_padded_with_shifted_targets():
   assert r["target_mask"].all()
 
 
+@pytest.mark.slow
 def test_sections_smoke_and_json_keys(tmp_path):
   peak, bandwidth = 1e11, 1e10
   out = {"client_execution": benchmark.client_execution_section(True, False, 1, peak)}
@@ -77,6 +78,7 @@ def test_sections_smoke_and_json_keys(tmp_path):
   assert data["original_design"][0]["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
   """launch/gpu_check.sh end to end on this CPU (GPU_CHECK_DRY_RUN), so the script a GPU session runs
   is known to work before device time is spent on it."""

@@ -250,3 +250,24 @@ def test_excluded_items_never_appear(model, prompts, catalogue):
     if not exclude[b, 10]:  # item 10 stands first for the repeated title
       kept = [10 if i == 11 else i for i in kept]
     np.testing.assert_array_equal(items[b, :len(kept)], kept)
+
+
+def test_response_logprobs_match_the_uncached_reference(model, prompts, catalogue):
+  """Teacher-forced scores of chosen items (a chunk that does not divide P, an item twice)
+  equal the uncached reference, and the exhaustive constrained beams' scores."""
+  config, params = model
+  ids_bt, mask_bt = prompts
+  width = max(map(len, catalogue))
+  tokens_in = np.asarray([s + [0] * (width - len(s)) for s in catalogue], np.int32)
+  length_i = np.asarray([len(s) for s in catalogue], np.int32)
+  items_bp = np.asarray([[0, 3, 11, 5, 5], [7, 1, 2, 9, 4], [10, 6, 8, 0, 11]], np.int32)
+  scores = np.asarray(models.response_logprobs(config, params, ids_bt, mask_bt, tokens_in, length_i, items_bp,
+                                               chunk=2))
+  reference = reference_logprobs(config, params, ids_bt, mask_bt, catalogue)
+  np.testing.assert_allclose(scores, np.take_along_axis(reference, items_bp, axis=1), rtol=1e-4, atol=1e-4)
+  beam_items, beam_scores = map(np.asarray, models.constrained_beam_search(
+      config, params, ids_bt, mask_bt, models.build_trie(catalogue, EOS), np.zeros((3, 12), bool),
+      num_beams=12, eos_id=EOS))
+  found = beam_items[:, :11]
+  np.testing.assert_allclose(np.asarray(models.response_logprobs(config, params, ids_bt, mask_bt, tokens_in,
+                                                                 length_i, found)), beam_scores[:, :11], rtol=1e-4)

@@ -19,6 +19,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   """Checkpoints every 2 rounds: killed after round 1, the run resumes from its one checkpoint."""
   from fellrec_jax import checkpoint
@@ -34,6 +35,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fellrec", "fedavg"])
 def test_every_client_validation_loss_falls(tmp_path, strategy):
   cfg = engine_worker.make_config(str(tmp_path), rounds=3, profile_rounds=(1,))
@@ -73,6 +75,7 @@ def _assert_same(a_path, b_path):
     assert diff.mean() < 1e-3 * np.abs(b[key]).mean() + 1e-7, (key, diff.mean(), np.abs(b[key]).mean())
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
   """The two processes also run their clients one at a time per shard (`--client_group_size=1`)."""
   one = _worker(tmp_path / "one.npz", tmp_path / "w1", env=_forced_devices(1))
@@ -89,6 +92,7 @@ def test_one_device_equals_eight_device_mesh_and_two_processes(tmp_path):
   _assert_same(tmp_path / "one.npz", tmp_path / "multi.npz")
 
 
+@pytest.mark.slow
 def test_training_with_dp_still_learns_and_reports_epsilon(tmp_path):
   from federated import experiment
   cfg = engine_worker.make_config(str(tmp_path), rounds=3, dp_clip=2.0, dp_noise_multiplier=0.02)
@@ -100,6 +104,7 @@ def test_training_with_dp_still_learns_and_reports_epsilon(tmp_path):
   assert np.isfinite(report["epsilon"]) and report["epsilon"] > 0 and report["noise_std"] == 2.0 * 0.02
 
 
+@pytest.mark.slow
 def test_per_client_cuts_train_like_the_unsplit_model(tmp_path):
   """Flexible storage: clients cut at different k (grouped by k) end where unsplit training ends."""
   split, _, _ = engine_worker.run(engine_worker.make_config(str(tmp_path / "split"), split_k=(0, 1, 3), rounds=1))

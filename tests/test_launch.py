@@ -105,6 +105,7 @@ def _random_recall_at_10(cfg):
   return float(np.mean(expected))
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end_beats_random(tmp_path):
   # item-kNN only: SASRec's fit is tested in test_baselines and would double this test's time
   out = _main("--flagfile=launch/configs/quickstart.flags", "--num_clients=3", "--rounds=2", "--baselines=item_knn",

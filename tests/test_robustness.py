@@ -46,6 +46,7 @@ def _run(cfg, strategy, poisoned=(), absent=(), monkeypatch=None):
   return engine_lib.run_rounds(eng, cfg.workdir)
 
 
+@pytest.mark.slow
 def test_a_diverged_client_is_left_out_and_the_others_train_as_without_it(tmp_path, monkeypatch):
   """FELLRec: the diverged client has no row, column or warm-weight share in anyone's aggregate."""
   poisoned, history = _run(engine_worker.make_config(str(tmp_path / "a"), rounds=1), "fellrec", poisoned=[2],
@@ -64,6 +65,7 @@ def test_every_client_diverging_stops_the_run_naming_the_learning_rate(tmp_path,
     _run(engine_worker.make_config(str(tmp_path), rounds=1), "fedavg", poisoned=[0, 1, 2], monkeypatch=monkeypatch)
 
 
+@pytest.mark.slow
 def test_resume_checks_the_configuration(tmp_path):
   engine_worker.run(engine_worker.make_config(str(tmp_path), rounds=1))
   with pytest.raises(ConfigError, match="holds a run trained with other settings") as e:
@@ -74,6 +76,7 @@ def test_resume_checks_the_configuration(tmp_path):
   assert [h["round"] for h in history] == [0]
 
 
+@pytest.mark.slow
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   cfg = engine_worker.make_config(str(tmp_path), rounds=2, checkpoint_every=1)
   state, _, eng = engine_worker.run(cfg)

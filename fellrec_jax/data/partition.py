@@ -39,28 +39,27 @@ def bpr_user_embeddings(train: Sequence[np.ndarray], num_items: int, *, dim: int
   params = {"user": 0.1 * jax.random.normal(k_u, (num_users, dim)),
             "item": 0.1 * jax.random.normal(k_i, (num_items, dim))}
   opt = optax.adam(learning_rate)
-  pos_u, pos_i = jnp.asarray(users), jnp.asarray(items)
 
   def loss_fn(p, u, i, j):
     eu, ei, ej = p["user"][u], p["item"][i], p["item"][j]
     x = jnp.sum(eu * (ei - ej), -1)
     return -jnp.mean(jax.nn.log_sigmoid(x)) + l2 * jnp.mean(jnp.sum(eu**2 + ei**2 + ej**2, -1))
 
-  def step(carry, k):
-    p, s = carry
-    k1, k2 = jax.random.split(k)
-    idx = jax.random.randint(k1, (batch_size,), 0, pos_u.shape[0])
-    neg = jax.random.randint(k2, (batch_size,), 0, num_items)
-    loss, g = jax.value_and_grad(loss_fn)(p, pos_u[idx], pos_i[idx], neg)
-    upd, s = opt.update(g, s, p)
-    return (optax.apply_updates(p, upd), s), loss
-
   @jax.jit
-  def train(p):
+  def train(p, pos_u, pos_i):  # the interactions are arguments, not constants baked into the program
+    def step(carry, k):
+      p, s = carry
+      k1, k2 = jax.random.split(k)
+      idx = jax.random.randint(k1, (batch_size,), 0, pos_u.shape[0])
+      neg = jax.random.randint(k2, (batch_size,), 0, num_items)
+      loss, g = jax.value_and_grad(loss_fn)(p, pos_u[idx], pos_i[idx], neg)
+      upd, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, upd), s), loss
+
     (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), jax.random.split(k_loop, steps))
     return p, losses
 
-  params, losses = train(params)
+  params, losses = train(params, jnp.asarray(users), jnp.asarray(items))
   logging.info("BPR-MF: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
   return np.asarray(params["user"], np.float32)
 
