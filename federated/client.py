@@ -15,6 +15,7 @@ Batch layout seen by one client's local round (the clients axis C is added by vm
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -184,6 +185,48 @@ def _concat_layers(*trees):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
 
 
+def split_segments(spec: LocalSpec, segments: tuple[PyTree, PyTree, PyTree], batch: Batch, *,
+                   base_items: PyTree | None = None, rngs=(None, None, None), loss_fn=generative_loss):
+  """The U-shaped split's three segments as functions of what trains and what crosses the cut:
+
+    head(lora_head) -> act_up `[B, T, D]`                     (client: embeddings, blocks [0, k))
+    body(lora_body, act_up) -> act_down `[B, T, D]`           (server; its adapters unused if frozen)
+    tail(lora_tail, act_down, items) -> (loss_sum, count)     (client: the rest, and the loss)
+
+  `segments` are `models.split`'s `(head, body, tail)` base parameters (a segment not used may be None);
+  `base_items` the frozen item data (`base["items"]`), `items` a trainable item table or None. The training
+  step (`split_value_and_grad`) and the cost analysis (`federated.resources.segment_fns`) both join these.
+  """
+  cfg = spec.config
+  head, body, tail = segments
+  frozen = {} if base_items is None else {"items": base_items}
+  mask = batch["attention_mask"]
+  per_client = spec.server_lora == "per_client"  # else the server's blocks run without adapters
+
+  def head_fn(lora_head):
+    return models.client_head(cfg, model_params(spec, head, frozen), batch["input_ids"], mask, lora=lora_head,
+                              rng=rngs[0])
+
+  def body_fn(lora_body, act_up):
+    return models.server_body(cfg, body, act_up, mask, lora=lora_body if per_client else None,
+                              rng=rngs[1] if per_client else None)
+
+  def tail_fn(lora_tail, act_down, items):
+    trainable = {} if items is None else {"items": items}
+    out = models.client_tail(cfg, tail, act_down, mask, lora=lora_tail, rng=rngs[2],
+                             tail_input_btd=tail_input(trainable, batch["input_ids"]), **model_outputs(spec.hidden, batch))
+    return loss_fn(out, batch, item_vectors(frozen, trainable))
+
+  return head_fn, body_fn, tail_fn
+
+
+def cut_traffic(act_up, act_down, grad_down, grad_up=None) -> dict[str, int]:
+  """Bytes across the cut, from the arrays (or their shapes): up = act_up + grad(act_down), down = act_down +
+  grad(act_up) (none when the client head does not train)."""
+  nbytes = lambda x: 0 if x is None else math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+  return {"up": nbytes(act_up) + nbytes(grad_down), "down": nbytes(act_down) + nbytes(grad_up)}
+
+
 def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):
   """Loss sum, token count, trainable grads and cut traffic of one micro-batch through the real split.
 
@@ -193,16 +236,11 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
   traffic)` with `traffic = {"up": bytes client->server, "down": bytes server->client}`.
   """
   cfg, k = spec.config, spec.split_k
-  head, body, tail = models.split(cfg, base, k)
   lora_head, lora_body, lora_tail = models.split(cfg, lora, k)
   items = lora.get("items")  # a trainable item table scores on the client tail only
-  vectors = lambda it: item_vectors(base, {} if it is None else {"items": it})
   rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
-  mask = batch["attention_mask"]
-
-  per_client = spec.server_lora == "per_client"  # else the server's blocks run without adapters
-  body_fn = lambda lb, a: models.server_body(cfg, body, a, mask, lora=lb if per_client else None,
-                                             rng=rngs[1] if per_client else None)
+  head_fn, body_fn, tail_fn = split_segments(spec, models.split(cfg, base, k), batch, base_items=base.get("items"),
+                                             rngs=rngs, loss_fn=loss_fn)
   # A client head without adapters (`--cache_head`): its activations were computed once, and nothing
   # below the cut trains, so the server sends no activation gradient down.
   cached_head = "head_act" in batch
@@ -211,15 +249,9 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
     act_down, lora_body_vjp = jax.vjp(lambda lb: body_fn(lb, act_up), lora_body)
     body_vjp = lambda g: (*lora_body_vjp(g), None)
   else:
-    act_up, head_vjp = jax.vjp(
-        lambda lh: models.client_head(cfg, model_params(spec, head, base), batch["input_ids"], mask, lora=lh,
-                                      rng=rngs[0]), lora_head)
+    act_up, head_vjp = jax.vjp(head_fn, lora_head)
     act_down, body_vjp = jax.vjp(body_fn, lora_body, act_up)
-  ids_input = lambda it: tail_input({} if it is None else {"items": it}, batch["input_ids"])
-  loss_sum, tail_vjp, count = jax.vjp(
-      lambda lt, a, it: loss_fn(models.client_tail(cfg, tail, a, mask, lora=lt, rng=rngs[2], tail_input_btd=ids_input(it),
-                                                   **model_outputs(spec.hidden, batch)), batch, vectors(it)),
-      lora_tail, act_down, items, has_aux=True)
+  loss_sum, tail_vjp, count = jax.vjp(tail_fn, lora_tail, act_down, items, has_aux=True)
 
   grad_tail, grad_down, items_tail = tail_vjp(jnp.ones_like(loss_sum))
   grad_body, grad_up = body_vjp(grad_down)
@@ -227,9 +259,7 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
   grads = _concat_layers(grad_head, grad_body, grad_tail)
   if items is not None:
     grads["items"] = items_tail
-  nbytes = lambda x: x.size * x.dtype.itemsize
-  traffic = {"up": nbytes(act_up) + nbytes(grad_down), "down": nbytes(act_down) + (0 if cached_head else nbytes(grad_up))}
-  return loss_sum, count, grads, traffic
+  return loss_sum, count, grads, cut_traffic(act_up, act_down, grad_down, grad_up)
 
 
 def forward_loss(spec: LocalSpec, base: PyTree, trainable: PyTree, batch: Batch, rng=None, loss_fn=generative_loss):

@@ -135,25 +135,27 @@ def _with_blocks(tree: Params, n: int) -> Params:
 
 
 def segment_fns(config: ModelConfig, server_lora: str = "per_client") -> dict[str, Callable]:
-  """The three fused forward+backward segment functions (module docstring), rng-free (no dropout mask)."""
-  from federated.client import generative_loss  # the engine's loss; imported late to keep this module light
+  """The three fused forward+backward segment functions (module docstring), rng-free (no dropout mask):
+  `federated.client.split_segments`, each joined to its incoming cotangent by `jax.vjp`."""
+  from federated import client  # the engine's segments; imported late to keep this module light
+  spec = client.LocalSpec(config, server_lora=server_lora)
 
   def head_step(head, lora_head, ids_bt, mask_bt, g_up_btd):
-    act, vjp = jax.vjp(lambda lh: models.client_head(config, head, ids_bt, mask_bt, lora=lh), lora_head)
+    head_fn, _, _ = client.split_segments(spec, (head, None, None), {"input_ids": ids_bt, "attention_mask": mask_bt})
+    act, vjp = jax.vjp(head_fn, lora_head)
     return act, vjp(g_up_btd)[0]
 
   def body_step(body, lora_body, act_btd, mask_bt, g_down_btd):
+    _, body_fn, _ = client.split_segments(spec, (None, body, None), {"attention_mask": mask_bt})
     if server_lora == "frozen":
-      act, vjp = jax.vjp(lambda a: models.server_body(config, body, a, mask_bt), act_btd)
+      act, vjp = jax.vjp(lambda a: body_fn(None, a), act_btd)
       return act, vjp(g_down_btd)[0]
-    act, vjp = jax.vjp(lambda lb, a: models.server_body(config, body, a, mask_bt, lora=lb), lora_body, act_btd)
+    act, vjp = jax.vjp(body_fn, lora_body, act_btd)
     return (act, *vjp(g_down_btd))
 
   def tail_step(tail, lora_tail, act_btd, batch):
-    (loss, _), vjp = jax.vjp(
-        lambda lt, a: generative_loss(models.client_tail(config, tail, a, batch["attention_mask"], lora=lt,
-                                                         logits_at=batch["target_index"]), batch),
-        lora_tail, act_btd)
+    _, _, tail_fn = client.split_segments(spec, (None, None, tail), batch)
+    (loss, _), vjp = jax.vjp(lambda lt, a: tail_fn(lt, a, None), lora_tail, act_btd)
     return (loss, *vjp((jnp.ones_like(loss), jnp.zeros(()))))
 
   return {"client_head": head_step, "server_body": body_step, "client_tail": tail_step}
@@ -253,12 +255,10 @@ def _footprint(split: dict[str, Any], working_bytes: int) -> int:
 # ----------------------------------------------------------------------------- the per-k report
 
 def traffic_per_step(config: ModelConfig, b: int, t: int) -> dict[str, int]:
-  """Bytes crossing the cut in one micro-batch: up = act_up + grad(act_down), down = act_down + grad(act_up).
-
-  Equal to `federated.client.split_value_and_grad`'s counted traffic (activations in the compute dtype).
-  """
-  act = b * t * config.hidden_size * config.dtype.itemsize
-  return {"up": 2 * act, "down": 2 * act}
+  """Bytes crossing the cut in one micro-batch (`federated.client.cut_traffic` of its activation shapes)."""
+  from federated import client
+  act = jax.ShapeDtypeStruct((b, t, config.hidden_size), config.dtype)
+  return client.cut_traffic(act, act, act, act)
 
 
 def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: Params | None = None,
