@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 import models
-from fellrec_jax.data import examples
+from fellrec_jax.data import examples, pipeline
 from models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -84,8 +84,8 @@ def _quoted_spans(text: str, titles: Sequence[str], from_char: int) -> list[tupl
 
 def render_prompts(records: Sequence[dict], history_titles: Sequence[Sequence[str]], tokenizer, *,
                    cutoff: int = 512, pad_multiple: int = 8) -> PromptSet:
-  """Tokenizes like `fellrec_jax.data.pipeline.tokenize` ([bos] + prompt + response + [eos], oldest prompt
-  tokens dropped past `cutoff`) and records where each title's tokens are."""
+  """Tokenizes as training does (`fellrec_jax.data.pipeline.truncate`: [bos] + prompt + response + [eos],
+  oldest prompt tokens dropped past `cutoff`) and records where each title's tokens are."""
   backend = tokenizer.backend
   bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
   eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
@@ -94,21 +94,18 @@ def render_prompts(records: Sequence[dict], history_titles: Sequence[Sequence[st
     prompt, response = examples.prompt_text(rec)
     enc_p = backend.encode(prompt, add_special_tokens=False)
     enc_r = backend.encode(response, add_special_tokens=False)
-    resp = (list(enc_r.ids) + eos)[:cutoff - len(bos)]
-    room = cutoff - len(bos) - len(resp)
-    drop = max(len(enc_p.ids) - max(room, 0), 0)  # oldest prompt tokens cut, as the pipeline does
-    ids = bos + list(enc_p.ids)[drop:] + resp
+    ids, p_len = pipeline.truncate(bos, list(enc_p.ids), list(enc_r.ids) + eos, cutoff)
+    drop = len(bos) + len(enc_p.ids) - p_len  # the oldest prompt tokens the cutoff removed
     shift = len(bos) - drop
     spans = []
     for s, e in _quoted_spans(prompt, hist, prompt.find("### Input:")):
       a, b = _token_span(enc_p.offsets, s, e)
       if a >= drop and b > a:
         spans.append((a + shift, b + shift))
-    p_len = len(bos) + len(enc_p.ids) - drop
     target = None
     if response.startswith('"') and len(response) > 2:
       a, b = _token_span(enc_r.offsets, 1, len(response) - 1)
-      if b <= len(resp) and b > a:
+      if b <= len(ids) - p_len and b > a:
         target = (a + p_len, b + p_len)
     rows.append(ids)
     prompt_lens.append(p_len)

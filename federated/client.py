@@ -173,7 +173,7 @@ def discriminative_loss(config: ModelConfig, temperature: float = 0.05, score: s
     if batch["target"].ndim == 2:
       user, mask = h, batch["attention_mask"].astype(jnp.float32) * example_mask[:, None]
     else:
-      user = h[:, -1] if config.left_padded else models.mean_pool(h, batch["attention_mask"])
+      user = models.pool(config, h, batch["attention_mask"])
       mask = example_mask
     logits = item_scores(user, items_id.astype(jnp.float32), score) / temperature
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])

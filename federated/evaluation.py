@@ -4,14 +4,9 @@ Every evaluation runs client by client over `prep.eval_examples(c, part)` (the u
 the first `max_users` of each client), ranks the whole catalogue for each user and returns
 `fellrec_jax.metrics.summarize`'s `{"overall", "clients", "balance"}`.
 
-Text representation (`text_representations`, the base model WITHOUT LoRA for items and generations):
-  decoder: ids `[bos] + encode(text)` (as training tokenizes), left-padded; the last layer's hidden state
-    after the final norm at the last real token (BIGRec's `hidden_states[-1][:, -1]`);
-  encoder: the tokenizer's own `[CLS] ... [SEP]`, right-padded (absolute positions); the mean over real
-    tokens of the last hidden states (sentence-transformers pooling).
-  Items are embedded from their bare titles and generations with quotes stripped (the released
-  evaluation), although responses are trained as `"Title"`: both sides unquoted, so a generation equal
-  to a title has that title's embedding.
+Text representations and client item vectors: `federated.representations`. Items are embedded from their
+bare titles and generations with quotes stripped (the released evaluation), although responses are trained
+as `"Title"`: both sides unquoted, so a generation equal to a title has that title's embedding.
 
 Generative (BIGRec): the client's adapter beam-searches a response to each prompt (`[bos] + encode(prompt)`,
 the prompt ending in "### Response:\n"); the response is decoded up to eos and stripped of whitespace and
@@ -44,84 +39,14 @@ from absl import logging
 import models
 from fellrec_jax import baselines, metrics
 from fellrec_jax.config import DECODINGS
-from fellrec_jax.data import PreparedData, examples
+from fellrec_jax.data import PreparedData, examples, pipeline
 from federated import client
+from federated.representations import (batch_indices, client_item_vectors, embed_texts, item_embeddings, pad_batch,
+                                       round_up, text_representations)
 from models import transformer as tfm
-from models.tokenizer import Tokenizer, pad_rows
-
-PAD_MULTIPLE = 16
-
-
-# ----------------------------------------------------------------------------- tokenization
-
-def _round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
-
-
-def text_rows(config: models.ModelConfig, tokenizer: Tokenizer, texts: Sequence[str], max_len: int
-              ) -> list[list[int]]:
-  """Token ids per text (see the module docstring), the oldest tokens dropped beyond `max_len`."""
-  if config.is_decoder:
-    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    room = max_len - len(head)
-    return [head + (ids[len(ids) - room:] if len(ids) > room else ids) for ids in map(tokenizer.encode, texts)]
-  backend = tokenizer.backend
-  rows = []
-  for text in texts:
-    enc = backend.encode(text, add_special_tokens=False)
-    enc.truncate(max_len - backend.num_special_tokens_to_add(False), direction="left")
-    rows.append(backend.post_process(enc).ids)
-  return rows
-
-
-def _pad_batch(config: models.ModelConfig, rows: Sequence[Sequence[int]], pad_id: int, width: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """`(ids [B, width], mask [B, width])`: left-padded for decoders and causal encoders (last column = last
-  token), right for encoders."""
-  side = "left" if config.left_padded else "right"
-  ids, mask = pad_rows(rows, pad_id, side)
-  extra = width - ids.shape[1]
-  spec = ((0, 0), (extra, 0)) if side == "left" else ((0, 0), (0, extra))
-  return np.pad(ids, spec, constant_values=pad_id), np.pad(mask, spec)
-
-
-def _batch_indices(n: int, batch_size: int) -> list[np.ndarray]:
-  """Index arrays of length `batch_size` covering range(n); the last one is filled with index 0 (a real
-  row, so padded generation rows finish when real ones do). Callers keep the first n results."""
-  return [np.pad(np.arange(s, min(s + batch_size, n)), (0, max(0, s + batch_size - n)))
-          for s in range(0, n, batch_size)]
-
+from models.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- representations
-
-text_representations = jax.jit(models.sequence_representation, static_argnames="config")
-
-
-def embed_texts(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, texts: Sequence[str], *,
-                lora: tfm.Params | None = None, batch_size: int = 256, width: int | None = None) -> np.ndarray:
-  """`[N, D]` float32 `text_representations` of `texts` in batches of `min(batch_size, N)`. With `width`
-  every batch is `[B, width]` (one compiled shape across calls); without it the rows go in length order,
-  each batch as wide as its longest row rounded up to 16, so a few long texts do not pad every batch."""
-  rows = text_rows(config, tokenizer, texts, config.max_positions)
-  if not rows:
-    return np.zeros((0, config.hidden_size), np.float32)
-  order = np.arange(len(rows)) if width else np.argsort([len(r) for r in rows], kind="stable")
-  out = np.zeros((len(rows), config.hidden_size), np.float32)
-  size = max(1, min(batch_size, len(rows)))
-  for start, idx in zip(range(0, len(rows), size), _batch_indices(len(rows), size)):
-    batch = [rows[i] for i in order[idx]]
-    ids, mask = _pad_batch(config, batch, tokenizer.pad_id, max(width or 0, _round_up(max(map(len, batch)))))
-    real = order[start:start + size]  # the last batch's filler rows are not written back
-    out[real] = np.asarray(text_representations(config, base, ids, mask, lora))[:len(real)]
-  return out
-
-
-def item_embeddings(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, titles: Sequence[str], *,
-                    batch_size: int = 256) -> np.ndarray:
-  """`[I, D]` base-model (no LoRA) embeddings of the bare titles. Compute once per base model and pass
-  them as `item_emb=` to every evaluation."""
-  return embed_texts(config, base, tokenizer, titles, batch_size=batch_size)
-
 
 @jax.jit
 def squared_distances(query_bd: jax.Array, items_id: jax.Array) -> jax.Array:
@@ -226,8 +151,8 @@ def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Para
     rows = [[h[m > 0].tolist() for h, m in zip(w.history, w.history_mask)] for w, _, _ in clients]
     width, pad_id = prep.split.history_len, 0
   else:
-    rows = [text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
-    width, pad_id = _round_up(max((len(r) for rs in rows for r in rs), default=1)), tokenizer.pad_id
+    rows = [pipeline.text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
+    width, pad_id = round_up(max((len(r) for rs in rows for r in rs), default=1)), tokenizer.pad_id
   batch = max(1, min(batch_size, max(len(rs) for rs in rows)))
   per_client = []
   for c, ((_, targets, excluded), client_rows) in enumerate(zip(clients, rows)):
@@ -237,8 +162,8 @@ def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Para
     start = time.perf_counter()
     rank = ranker(_client_lora(lora_c, c))
     exclude_ui = metrics.exclusion_mask(excluded, len(prep.titles))
-    ranked = [rank(*_pad_batch(config, [client_rows[i] for i in idx], pad_id, width), exclude_ui[idx])
-              for idx in _batch_indices(len(client_rows), batch)]
+    ranked = [rank(*pad_batch(config, [client_rows[i] for i in idx], pad_id, width), exclude_ui[idx])
+              for idx in batch_indices(len(client_rows), batch)]
     per_client.append(metrics.user_metrics(np.concatenate(ranked)[:len(client_rows)], targets, ks))
     logging.info("%s ranking: client %d/%d, %d users, %.0fs", part, c + 1, len(clients), len(client_rows),
                  time.perf_counter() - start)
@@ -307,7 +232,7 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
     if item_emb is None:
       item_emb = item_embeddings(config, base, tokenizer, prep.titles)
     # Re-encoded responses rarely exceed the generated tokens; a fixed width keeps one compiled shape.
-    response_width = _round_up(max_new_tokens + 1)
+    response_width = round_up(max_new_tokens + 1)
 
     def ranker(lora):
       def rank(ids_bt, mask_bt, exclude_bi):
@@ -325,18 +250,6 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
 # ----------------------------------------------------------------------------- discriminative
 
 score_items = jax.jit(client.item_scores, static_argnames="score")  # [B, I]; training divides by a temperature
-
-
-def client_item_vectors(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer, lora: tfm.Params | None,
-                        titles: Sequence[str], item_emb: np.ndarray, item_side: str) -> np.ndarray:
-  """`[I, D]` one client's item vectors: its trained table or low-rank correction of `item_emb`
-  (`item_side="table"`), its titles re-encoded under its adapters ("encoder"), or the base-model title
-  embeddings `item_emb` ("frozen")."""
-  if item_side == "table":
-    return np.asarray(client.item_vectors({"items": {"table_id": jnp.asarray(item_emb)}}, lora))
-  if item_side == "encoder":
-    return embed_texts(dataclasses.replace(config, causal=False), base, tokenizer, titles, lora=lora)
-  return item_emb
 
 
 def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,

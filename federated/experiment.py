@@ -18,7 +18,7 @@ import models
 from fellrec_jax import checkpoint, privacy, report, sharding
 from fellrec_jax.config import ConfigError, RunConfig
 from fellrec_jax.data import examples, pipeline, prepare_dataset
-from federated import client, evaluation, resources, strategies
+from federated import client, evaluation, representations, resources, strategies
 from federated import engine as engine_lib
 from models.tokenizer import pad_rows
 from models.warm_start import fit_causal_lm
@@ -85,7 +85,7 @@ def catalogue_rows(tokenizer, titles: list[str], max_len: int, *, seed: int, num
 
 def _prompt_examples(cfg, config, tokenizer, windows_per_client, prep) -> list[pipeline.PromptExamples]:
   """Discriminative examples: each window's prompt tokenized as the evaluation embeds it, plus its target."""
-  rows = [evaluation.text_rows(config, tokenizer, [prompt for prompt, _ in prep.prompts(w)],
+  rows = [pipeline.text_rows(config, tokenizer, [prompt for prompt, _ in prep.prompts(w)],
                                min(cfg.cutoff_len, config.max_positions)) for w in windows_per_client]
   seq_len = -(-max((len(r) for rs in rows for r in rs), default=1) // 8) * 8
   return [pipeline.PromptExamples.from_rows(rs, w.target, seq_len=seq_len, pad_id=tokenizer.pad_id,
@@ -133,7 +133,7 @@ def item_state(cfg: RunConfig, config: models.ModelConfig, tokenizer, titles, it
   if cfg.item_side == "frozen" or (cfg.item_side == "table" and cfg.item_table_rank):
     items["table_id"] = np.asarray(item_emb, np.float32)
   if cfg.item_side == "encoder":
-    rows = evaluation.text_rows(config, tokenizer, titles, config.max_positions)
+    rows = pipeline.text_rows(config, tokenizer, titles, config.max_positions)
     items["title_ids"], items["title_mask"] = pad_rows(rows, tokenizer.pad_id, "left" if config.left_padded else "right")
   return {"items": items} if items else {}
 
@@ -160,21 +160,21 @@ def cache_client_heads(cfg: RunConfig, config: models.ModelConfig, base, example
 def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | None = None) -> engine_lib.Engine:
   """The engine of strategy `name` (centralized: one training client holding every example)."""
   config, base, tokenizer = model
-  train_prep = prep
-  if name == "centralized":
-    train_prep = dataclasses.replace(prep, clients=np.zeros_like(prep.clients), num_clients=1)
-  train_examples, valid_examples = task_examples(cfg, config, tokenizer, train_prep)
-  cfg = resolve_auto_split(cfg, config, int(train_examples[0].seq_len))
-  cuts = [cfg.split_for_client(0 if name == "centralized" else c) for c in range(len(train_examples))]
   strategy = strategies.make_strategy(
       name, fellrec_alpha=cfg.fellrec_alpha, fellrec_beta=cfg.fellrec_beta,
       fellrec_temperature=cfg.fellrec_temperature, fellrec_variant=cfg.fellrec_variant,
       fellrec_similarity=cfg.fellrec_similarity, fedprox_mu=cfg.fedprox_mu)
+  train_prep = prep
+  if strategy.pooled:
+    train_prep = dataclasses.replace(prep, clients=np.zeros_like(prep.clients), num_clients=1)
+  train_examples, valid_examples = task_examples(cfg, config, tokenizer, train_prep)
+  cfg = resolve_auto_split(cfg, config, int(train_examples[0].seq_len))
+  cuts = [cfg.split_for_client(0 if strategy.pooled else c) for c in range(len(train_examples))]
   mesh = sharding.make_mesh(cfg.mesh_clients, cfg.mesh_model)
   task = {}
   if cfg.task == "discriminative":
     if item_emb is None:
-      item_emb = evaluation.item_embeddings(config, base, tokenizer, prep.titles)
+      item_emb = representations.item_embeddings(config, base, tokenizer, prep.titles)
     base = base | item_state(cfg, config, tokenizer, prep.titles, item_emb)
     if cfg.cache_head:
       train_examples = cache_client_heads(cfg, task_config(cfg, config), base, train_examples, cuts)
@@ -268,7 +268,7 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
     logging.warning("[%s] client(s) %s never had a finite validation score: their starting adapters are evaluated",
                     name, np.flatnonzero(~np.isfinite(best_valid)).tolist())
   best = sharding.to_host(state.best_lora)
-  if name == "centralized":
+  if eng.strategy.pooled:
     best = engine_lib.stack_clients(jax.tree.map(lambda x: x[0], best), prep.num_clients)
   test = with_primary_balance(evaluate(cfg, model, best, prep, "test", item_emb))
   logging.info("[%s] test per client:\n%s", name, report.client_table(test))
@@ -349,7 +349,7 @@ def _train_and_evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
   model = model or load_model(cfg, list(prep.titles))
   # Generative runs need title embeddings only to ground generations by L2 distance.
   needs_item_emb = cfg.task == "discriminative" or "l2" in cfg.decoding
-  item_emb = evaluation.item_embeddings(model[0], model[1], model[2], prep.titles) if needs_item_emb else None
+  item_emb = representations.item_embeddings(model[0], model[1], model[2], prep.titles) if needs_item_emb else None
   references = reference_rows(cfg, prep)
   out = {}
   for name in cfg.strategies:

@@ -18,6 +18,8 @@ A strategy is `Strategy(name, aggregate, local_penalty, shares)`:
   local_penalty(params, anchor) -> scalar added to a client's local loss (FedProx), or None.
   shares: whether clients exchange parameters (False for local and centralized training: there is no
       server step to take, `--server_lr` does not apply).
+  pooled: centralized training: one client trains on every client's examples, and its adapter is every
+      client's for evaluation.
 
 Every client keeps its own parameter copy; FedAvg-style strategies give all clients the same average.
 """
@@ -30,6 +32,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fellrec_jax.config import STRATEGIES as STRATEGY_NAMES
+
 PyTree = Any
 
 
@@ -39,6 +43,7 @@ class Strategy:
   aggregate: Callable[..., PyTree]
   local_penalty: Callable[[PyTree, PyTree], jax.Array] | None = None
   shares: bool = True
+  pooled: bool = False  # one training client holds every client's examples; its adapter serves them all
 
 
 # Leaves of `stacked["items"]` whose axis 1 indexes items: the full table `[C, I, D]`, the item factor
@@ -205,9 +210,9 @@ def make_strategy(name: str, *, fellrec_alpha: float = 0.7, fellrec_beta: float 
     return Strategy("fedavg", fedavg)
   if name == "fedprox":
     return Strategy("fedprox", fedavg, proximal_penalty(fedprox_mu))
-  if name in ("local", "centralized"):
+  if name == "local":
     return Strategy(name, keep, shares=False)
+  if name == "centralized":
+    return Strategy(name, keep, shares=False, pooled=True)
   raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGY_NAMES}")
 
-
-STRATEGY_NAMES = ("fellrec", "fedavg", "fedprox", "local", "centralized")

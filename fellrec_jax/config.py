@@ -7,13 +7,38 @@ comes from `launch.main` or from Python.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
+from typing import Literal
 
-STRATEGIES = ("fellrec", "fedavg", "fedprox", "local", "centralized")
-BASELINES = ("item_knn", "sasrec")  # conventional reference rows; most-popular is always computed
-MODES = ("train", "prepare", "resources", "attack")
-DTYPES = ("float32", "bfloat16", "float16")  # parameter and compute dtypes
-DECODINGS = ("l2", "constrained")  # generative evaluation: BIGRec's L2 grounding, or beams in the catalogue trie
+# The option values, each written once: `RunConfig`'s fields are typed with these, the flags' enums and the
+# checks in `RunConfig.__post_init__` are derived from the types (`options`).
+Strategy = Literal["fellrec", "fedavg", "fedprox", "local", "centralized"]
+Baseline = Literal["item_knn", "sasrec"]  # conventional reference rows; most-popular is always computed
+Mode = Literal["train", "prepare", "resources", "attack"]
+Dtype = Literal["float32", "bfloat16", "float16"]  # parameter and compute dtypes
+Decoding = Literal["l2", "constrained"]  # generative: BIGRec's L2 grounding, or beams in the catalogue trie
+STRATEGIES, BASELINES, MODES, DTYPES, DECODINGS = (typing.get_args(x) for x in (Strategy, Baseline, Mode, Dtype,
+                                                                                 Decoding))
+
+
+def options(annotation) -> tuple[str, ...] | None:
+  """The values a `Literal[...]` annotation allows, also inside `X | None` and `tuple[X, ...]`; else None."""
+  if typing.get_origin(annotation) is Literal:
+    return typing.get_args(annotation)
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType, tuple):
+    found = [o for a in typing.get_args(annotation) if a not in (type(None), Ellipsis) for o in [options(a)] if o]
+    return found[0] if found else None
+  return None
+
+
+@functools.cache
+def option_fields() -> dict[str, tuple[str, ...]]:
+  """`{field: allowed values}` for every `RunConfig` field typed with a `Literal`."""
+  hints = typing.get_type_hints(RunConfig)
+  return {f.name: allowed for f in dataclasses.fields(RunConfig) if (allowed := options(hints[f.name]))}
 
 
 class ConfigError(ValueError):
@@ -27,16 +52,16 @@ class Diverged(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   # what to run
-  mode: str = "train"
+  mode: Mode = "train"
   workdir: str = "workdir"
   seed: int = 0
-  strategies: tuple[str, ...] = ("fellrec",)
+  strategies: tuple[Strategy, ...] = ("fellrec",)
   # data
-  dataset: str = "synthetic"
+  dataset: Literal["synthetic", "movielens", "amazon", "bigrec_json"] = "synthetic"
   data_dir: str | None = None
-  split: str | None = None
+  split: Literal["temporal", "loo"] | None = None
   num_clients: int = 5
-  partition: str = "kmeans"
+  partition: Literal["kmeans", "random", "dirichlet", "mapping"] = "kmeans"
   mapping_file: str | None = None
   dirichlet_alpha: float = 0.5
   history_len: int = 10
@@ -50,16 +75,16 @@ class RunConfig:
   bpr_steps: int = 2000
   # model and task
   model: str = "tiny-llama"
-  task: str = "generative"
+  task: Literal["generative", "discriminative"] = "generative"
   disc_temperature: float = 0.05
-  disc_input: str = "text"  # "text": the BIGRec prompt's tokens; "items": item-as-token sequences
-  item_side: str = "frozen"  # discriminative item vectors: "frozen", "table" (trained) or "encoder"
+  disc_input: Literal["text", "items"] = "text"  # "text": the BIGRec prompt's tokens; "items": item-as-token sequences
+  item_side: Literal["frozen", "table", "encoder"] = "frozen"  # discriminative item vectors: "frozen", "table" (trained) or "encoder"
   item_table_rank: int = 0  # item_side=table: 0 trains the whole table, r > 0 a rank-r correction of it
   item_ids: bool = False  # item inputs: trainable item-ID embeddings added where the client tail starts
-  item_aggregation: str = "rows"  # trainable item rows: "rows" (each by the clients' counts of it) or "clients"
-  disc_score: str = "cosine"  # "cosine" (RecFormer) or "dot"
+  item_aggregation: Literal["rows", "clients"] = "rows"  # trainable item rows: "rows" (each by the clients' counts of it) or "clients"
+  disc_score: Literal["cosine", "dot"] = "cosine"  # "cosine" (RecFormer) or "dot"
   cache_head: bool = False  # item inputs: the client head has no adapters; its activations computed once
-  dtype: str = "float32"
+  dtype: Dtype = "float32"
   remat: bool = False
   warm_start_steps: int = 300
   lora_rank: int = 8
@@ -74,24 +99,24 @@ class RunConfig:
   learning_rate: float = 1e-3
   warmup_steps: int = 0
   weight_decay: float = 0.0
-  client_execution: str = "vmap"
+  client_execution: Literal["vmap", "sequential"] = "vmap"
   client_group_size: int | None = None
   clients_per_round: int | None = None
   # split learning
   split_k: tuple[int, ...] | tuple[str] | None = None  # ("auto",): chosen from client_memory_budget_mb
-  server_lora: str = "per_client"
+  server_lora: Literal["per_client", "frozen"] = "per_client"
   client_memory_budget_mb: tuple[float, ...] | None = None
   # differential privacy of the uploads
   dp_clip: float | None = None
   dp_noise_multiplier: float = 0.0
   dp_delta: float | None = None
-  dp_accountant: str = "rdp"
+  dp_accountant: Literal["rdp", "pld"] = "rdp"
   # strategies
   fellrec_alpha: float = 0.7
   fellrec_beta: float = 1.0
   fellrec_temperature: float = 0.05
-  fellrec_variant: str = "code"
-  fellrec_similarity: str = "params"
+  fellrec_variant: Literal["code", "paper"] = "code"
+  fellrec_similarity: Literal["params", "update"] = "params"
   fellrec_private_tail: bool = False
   fedprox_mu: float = 0.01
   server_lr: float = 1.0  # FedOpt server step: anchor + server_lr * (aggregate - anchor)
@@ -102,10 +127,10 @@ class RunConfig:
   patience: int | None = None
   eval_batch_size: int = 32
   metric_ks: tuple[int, ...] = (5, 10, 20)
-  baselines: tuple[str, ...] = BASELINES
-  decoding: tuple[str, ...] = ("l2",)  # the first ranks test and valid; the others are also reported on test
+  baselines: tuple[Baseline, ...] = BASELINES
+  decoding: tuple[Decoding, ...] = ("l2",)  # the first ranks test and valid; the others are also reported on test
   num_beams: int = 4
-  prompt: str = "alpaca"  # examples.PROMPTS
+  prompt: Literal["alpaca", "compact", "sequence"] = "alpaca"  # examples.PROMPTS
   max_new_tokens: int = 32
   profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
   # scale-out
@@ -118,9 +143,12 @@ class RunConfig:
         value = getattr(self, flag)
         raise ConfigError(f"--{flag}={','.join(map(str, value)) if isinstance(value, tuple) else repr(value)}: {msg}")
 
-    need(self.mode in MODES, "mode", f"expected one of {MODES}")
-    for s in self.strategies:
-      need(s in STRATEGIES, "strategies", f"unknown strategy {s!r}; expected a subset of {STRATEGIES}")
+    for flag, allowed in option_fields().items():  # every Literal-typed field: a value it names
+      value = getattr(self, flag)
+      for v in value if isinstance(value, tuple) else (value,):
+        need(v is None or v in allowed, flag, f"unknown value {v!r}; expected " +
+             (f"a subset of {allowed}" if isinstance(value, tuple) else f"one of {allowed}"))
+
     need(len(self.strategies) > 0, "strategies", "name at least one strategy")
     need(self.num_clients >= 1, "num_clients", "must be >= 1")
     need(self.rounds >= 1, "rounds", "must be >= 1")
@@ -164,15 +192,10 @@ class RunConfig:
     need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
     need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
     need(self.mesh_model >= 1, "mesh_model", "must be >= 1")
-    need(self.task in ("generative", "discriminative"), "task", "expected 'generative' or 'discriminative'")
     need(self.disc_temperature > 0, "disc_temperature", "must be > 0")
-    need(self.disc_input in ("text", "items"), "disc_input", "expected 'text' or 'items'")
-    need(self.item_side in ("frozen", "table", "encoder"), "item_side", "expected 'frozen', 'table' or 'encoder'")
     need(self.item_table_rank >= 0, "item_table_rank", "must be >= 0")
     need(self.item_table_rank == 0 or self.item_side == "table", "item_table_rank", "needs --item_side=table")
-    need(self.item_aggregation in ("rows", "clients"), "item_aggregation", "expected 'rows' or 'clients'")
     need(not self.item_ids or self.disc_input == "items", "item_ids", "needs --disc_input=items")
-    need(self.disc_score in ("cosine", "dot"), "disc_score", "expected 'cosine' or 'dot'")
     need(not self.cache_head or (self.disc_input == "items" and self.task == "discriminative"), "cache_head",
          "needs --task=discriminative --disc_input=items (frozen item inputs make the head's output constant)")
     need(not self.cache_head or bool(self.explicit_cuts), "cache_head",
@@ -186,23 +209,18 @@ class RunConfig:
          "select_by", "expected 'loss' or recall@K / ndcg@K / hr@K")
     need(self.selection_metric == "loss" or self.task == "discriminative", "select_by",
          "ranking-metric selection needs --task=discriminative (generative validation would generate every round)")
-    for b in self.baselines:
-      need(b in BASELINES, "baselines", f"unknown baseline {b!r}; expected a subset of {BASELINES} (most-popular "
-           "is always there)")
     need(len(self.metric_ks) > 0 and min(self.metric_ks) >= 1, "metric_ks", "give cut-offs >= 1")
     need(all(0 <= r < self.rounds for r in self.profile_rounds), "profile_rounds",
          f"give 0-based rounds in [0, --rounds={self.rounds})")
     need(self.num_beams >= 1, "num_beams", "must be >= 1")
-    need(self.prompt in ("alpaca", "compact", "sequence"), "prompt", "expected 'alpaca', 'compact' or 'sequence'")
-    need(len(self.decoding) > 0 and len(set(self.decoding)) == len(self.decoding)
-         and all(d in DECODINGS for d in self.decoding), "decoding", f"give distinct values of {DECODINGS}")
+    need(len(self.decoding) > 0 and len(set(self.decoding)) == len(self.decoding), "decoding",
+         f"give distinct values of {DECODINGS}")
     need("constrained" not in self.decoding or self.num_beams >= max(self.metric_ks), "num_beams",
          f"--decoding=constrained ranks the {self.num_beams} finished beams: give --num_beams >= max(--metric_ks)"
          f" = {max(self.metric_ks)}, or lower --metric_ks")
     need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
-    need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
     need(self.max_train_samples is None or self.max_train_samples >= 1, "max_train_samples",
          "must be >= 1 (unset it to train on every example)")
 

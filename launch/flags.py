@@ -8,7 +8,7 @@ import typing
 
 from absl import flags
 
-from fellrec_jax.config import MODES, STRATEGIES, ConfigError, RunConfig
+from fellrec_jax.config import STRATEGIES, ConfigError, RunConfig, option_fields
 
 HELP = {
     "mode": "train: run the strategies; prepare: only load/split/partition the data and write data_stats.json; "
@@ -127,16 +127,6 @@ HELP = {
     "mesh_model": "Devices on the mesh's model axis (the shared base weights are split over it).",
 }
 
-ENUMS = {"mode": MODES, "dataset": ("synthetic", "movielens", "amazon", "bigrec_json"),
-         "split": ("temporal", "loo"), "partition": ("kmeans", "random", "dirichlet", "mapping"),
-         "client_execution": ("vmap", "sequential"), "server_lora": ("per_client", "frozen"),
-         "fellrec_variant": ("code", "paper"), "task": ("generative", "discriminative"),
-         "dp_accountant": ("rdp", "pld"), "fellrec_similarity": ("params", "update"),
-         "disc_input": ("text", "items"), "item_side": ("frozen", "table", "encoder"),
-         "item_aggregation": ("rows", "clients"),
-         "disc_score": ("cosine", "dot")}
-
-
 def _base_type(annotation):
   """`X` of `X | None`, else the annotation itself."""
   if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -150,8 +140,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   for field in dataclasses.fields(RunConfig):
     name, default, help_text = field.name, field.default, HELP[field.name]
     kind = _base_type(hints[name])
-    if name in ENUMS:
-      flags.DEFINE_enum(name, default, ENUMS[name], help_text, flag_values=flag_values)
+    if name in option_fields() and typing.get_origin(kind) is not tuple:
+      flags.DEFINE_enum(name, default, option_fields()[name], help_text, flag_values=flag_values)
     elif typing.get_origin(kind) is tuple:
       flags.DEFINE_list(name, None if default is None else [str(x) for x in default], help_text, flag_values=flag_values)
     elif kind is bool:
@@ -175,6 +165,7 @@ def config_from_flags(values: flags.FlagValues) -> RunConfig:
       value = ("auto",)
     elif typing.get_origin(kind) is tuple and value is not None:
       element = typing.get_args(kind)[0]
+      element = str if typing.get_origin(element) is typing.Literal else element  # checked by RunConfig
       try:
         value = tuple(element(v) for v in value)
       except ValueError as e:

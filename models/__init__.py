@@ -5,5 +5,5 @@ from models.loading import PRESETS, TINY_PRESETS, ModelError, load, load_gguf, l
 from models.lora import init_lora, merge_lora
 from models.split import client_head, client_tail, server_body, split
 from models.tokenizer import Tokenizer
-from models.transformer import Params, apply, init_params, item_token_params, mean_pool, sequence_representation
+from models.transformer import Params, apply, init_params, item_token_params, mean_pool, pool, sequence_representation
 from models.decoding import Trie, beam_search, build_trie, constrained_beam_search, greedy, response_logprobs

@@ -269,6 +269,12 @@ def mean_pool(hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
   return (hidden_btd * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
 
 
+def pool(config: ModelConfig, hidden_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
+  """`[B, D]` one vector per sequence: the last column (decoders and causal encoders, left-padded) or the
+  mean over real tokens (encoders). The user representation that training and evaluation share."""
+  return hidden_btd[:, -1] if config.left_padded else mean_pool(hidden_btd, attention_mask_bt)
+
+
 def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
           *, lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False,
           logits_at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
@@ -300,8 +306,7 @@ def sequence_representation(config: ModelConfig, params: Params, input_ids_bt: j
   """`[B, D]` float32: the final-norm hidden state of the last column (decoders and causal encoders, inputs
   left-padded) or the mean over real tokens of the last hidden states (encoders, right-padded)."""
   x_btd = apply(config, params, input_ids_bt, attention_mask_bt, lora=lora, hidden=True, tail_input_btd=tail_input_btd)
-  rep_bd = x_btd[:, -1] if config.left_padded else mean_pool(x_btd, attention_mask_bt)
-  return rep_bd.astype(jnp.float32)
+  return pool(config, x_btd, attention_mask_bt).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- initialisation

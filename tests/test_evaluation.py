@@ -11,6 +11,7 @@ import models
 from fellrec_jax import metrics
 from fellrec_jax.data import examples, pipeline, prepare_dataset
 from federated import evaluation as ev
+from federated import representations
 from models.tokenizer import pad_rows
 
 C = 2
@@ -24,7 +25,7 @@ def setup():
                                         num_layers=2, lora=models.LoraConfig(rank=4, targets=("q", "v")))
   adapters = [models.init_lora(config, base, jax.random.key(c)) for c in range(C)]
   lora_c = jax.tree.map(lambda *xs: np.stack(xs), *adapters)
-  item_emb = ev.item_embeddings(config, base, tokenizer, prep.titles)
+  item_emb = representations.item_embeddings(config, base, tokenizer, prep.titles)
   return prep, config, base, tokenizer, lora_c, item_emb
 
 
@@ -45,16 +46,16 @@ def _check_schema(result, prep, part, ks=(5, 10)):
 def test_decoder_rows_match_training_tokenization(setup):
   prep, config, _, tokenizer, _, _ = setup
   title = prep.titles[0]
-  assert ev.text_rows(config, tokenizer, [title], 64) == [[tokenizer.bos_id] + tokenizer.encode(title)]
-  long_row = ev.text_rows(config, tokenizer, [title * 20], 8)[0]  # truncation keeps bos and the end
+  assert pipeline.text_rows(config, tokenizer, [title], 64) == [[tokenizer.bos_id] + tokenizer.encode(title)]
+  long_row = pipeline.text_rows(config, tokenizer, [title * 20], 8)[0]  # truncation keeps bos and the end
   assert long_row == [tokenizer.bos_id] + tokenizer.encode(title * 20)[-7:]
 
 
 def test_representation_ignores_left_padding(setup):
   prep, config, base, tokenizer, _, item_emb = setup
-  alone = ev.embed_texts(config, base, tokenizer, [prep.titles[3]], batch_size=1)
+  alone = representations.embed_texts(config, base, tokenizer, [prep.titles[3]], batch_size=1)
   np.testing.assert_allclose(alone[0], item_emb[3], atol=1e-5)
-  wide = ev.embed_texts(config, base, tokenizer, [prep.titles[3]], batch_size=1, width=64)
+  wide = representations.embed_texts(config, base, tokenizer, [prep.titles[3]], batch_size=1, width=64)
   np.testing.assert_allclose(wide[0], item_emb[3], atol=1e-5)
 
 
@@ -149,7 +150,7 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prom
   step = jax.jit(lambda lora, opt: (lambda g: (optax.apply_updates(lora, tx.update(g, opt)[0]), tx.update(g, opt)[1]))(
       jax.grad(loss_fn)(lora)))
   trie = ev.catalogue_trie(tokenizer, prep.titles, prompt)
-  prompt_ids, prompt_mask = pad_rows(ev.text_rows(config, tokenizer, [p for p, _ in pairs], 512), tokenizer.pad_id,
+  prompt_ids, prompt_mask = pad_rows(pipeline.text_rows(config, tokenizer, [p for p, _ in pairs], 512), tokenizer.pad_id,
                                      "left")
   exclude = metrics.exclusion_mask(excluded, len(prep.titles))
   end = ev.response_end(tokenizer, prompt)
@@ -200,7 +201,7 @@ def test_encoder_discriminative(setup):
   prep = setup[0]
   config, base, tokenizer = models.load("tiny-bert", corpus=list(prep.titles), num_layers=1,
                                         lora=models.LoraConfig(rank=2))
-  rows = ev.text_rows(config, tokenizer, ["x" * 600], 32)
+  rows = pipeline.text_rows(config, tokenizer, ["x" * 600], 32)
   assert len(rows[0]) <= 32 and rows[0][0] == tokenizer.backend.token_to_id("[CLS]")
   lora_c = jax.tree.map(lambda x: np.stack([x] * C), models.init_lora(config, base, jax.random.key(0)))
   result = ev.evaluate_discriminative(config, base, tokenizer, lora_c, prep, "test", ks=(5, 10), max_users=3)

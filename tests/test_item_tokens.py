@@ -10,7 +10,7 @@ import pytest
 
 import models
 from fellrec_jax.data import pipeline
-from federated import client
+from federated import client, representations
 
 I, D, B, T = 30, 32, 3, 6
 # Jitted once per spec: eager op-by-op dispatch of these scans and vjps is what makes a test slow.
@@ -115,18 +115,17 @@ def test_position_loss_equals_a_numpy_softmax_over_cosine_scores():
 def test_encoder_item_side_trains_against_the_vectors_evaluation_ranks_by():
   """`item_side="encoder"`: the item vectors of a local round are the titles encoded under the client's
   adapters exactly as the evaluation encodes them, and a split client counts their trip across the cut."""
-  from federated import evaluation
   config, base0, tokenizer = models.load("tiny-bert", corpus=[f"movie {i}" for i in range(40)], num_layers=2,
                                                   lora=models.LoraConfig(rank=2, dropout=0.0))
   titles = [f"movie {i} part {i % 3}" for i in range(12)]
   lora = jax.tree.map(lambda x: x + 0.05, models.init_lora(config, base0, jax.random.key(0)))
-  rows = evaluation.text_rows(config, tokenizer, titles, config.max_positions)
+  rows = pipeline.text_rows(config, tokenizer, titles, config.max_positions)
   ids, mask = models.tokenizer.pad_rows(rows, tokenizer.pad_id, "right")
   base = dict(base0, items={"title_ids": ids, "title_mask": mask})
   spec = client.LocalSpec(dataclasses.replace(config, causal=True), split_k=1, hidden=True, item_side="encoder",
                           item_tokens=True)
   got = client.with_round_items(spec, base, lora, batch_size=5)["items"]["table_id"]
-  want = evaluation.embed_texts(config, base0, tokenizer, titles, lora=lora)
+  want = representations.embed_texts(config, base0, tokenizer, titles, lora=lora)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert client.item_encoding_traffic(spec, base) == ids.size * config.hidden_size * 4
   assert client.item_encoding_traffic(dataclasses.replace(spec, split_k=None), base) == 0

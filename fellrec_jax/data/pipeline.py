@@ -57,7 +57,7 @@ def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 
   of the template), because the history's most recent titles and the "### Response:" marker sit at the
   end of the prompt. A response longer than the cutoff alone is cut at its end.
   """
-  return _truncate(*_encode(tokenizer, prompt, response), cutoff)
+  return truncate(*_encode(tokenizer, prompt, response), cutoff)
 
 
 def _encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int], list[int]]:
@@ -67,12 +67,30 @@ def _encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int]
   return head, tokenizer.encode(prompt), tokenizer.encode(response) + tail
 
 
-def _truncate(head: list[int], body: list[int], resp: list[int], cutoff: int) -> tuple[list[int], int]:
-  """`tokenize`'s cut of encoded parts to `cutoff` tokens."""
+def truncate(head: list[int], body: list[int], resp: list[int], cutoff: int) -> tuple[list[int], int]:
+  """`head + body + resp` cut to `cutoff` tokens as `tokenize` cuts: the whole head and response (the
+  response cut at its end only if it alone is too long), the body's oldest tokens dropped. Returns `(ids,
+  len(head) + kept body tokens)`. The one cutoff rule: training, evaluation prompts and the attack use it."""
   resp = resp[:cutoff - len(head)]
   room = cutoff - len(head) - len(resp)
   body = body[len(body) - room:] if 0 < room < len(body) else (body if room > 0 else [])
   return head + body + resp, len(head) + len(body)
+
+
+def text_rows(config, tokenizer, texts: Sequence[str], max_len: int
+              ) -> list[list[int]]:
+  """Token ids per text to embed or continue, the oldest tokens dropped beyond `max_len` (`truncate`):
+  decoders (`config.is_decoder`) `[bos] + encode(text)`; encoders the tokenizer's own `[CLS] ... [SEP]`."""
+  if config.is_decoder:
+    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return [truncate(head, ids, [], max_len)[0] for ids in map(tokenizer.encode, texts)]
+  backend = tokenizer.backend
+  rows = []
+  for text in texts:
+    enc = backend.encode(text, add_special_tokens=False)
+    enc.truncate(max_len - backend.num_special_tokens_to_add(False), direction="left")
+    rows.append(backend.post_process(enc).ids)
+  return rows
 
 
 def targets_from_loss_mask(loss_mask: np.ndarray, num_targets: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +266,7 @@ def tokenize_clients(prompts: Sequence[Sequence[tuple[str, str]]], tokenizer: To
   if truncated:
     logging.info("--cutoff_len=%d: %d of %d examples lost their oldest prompt tokens (longest: %d tokens)", cutoff,
                  truncated, len(full), max(full))
-  per_client = [[_truncate(*parts, cutoff) for parts in client] for client in encoded]
+  per_client = [[truncate(*parts, cutoff) for parts in client] for client in encoded]
   round_up = lambda n: -(-n // pad_multiple) * pad_multiple
   longest = max((len(ids) for toks in per_client for ids, _ in toks), default=2)
   seq_len = min(cutoff, round_up(longest))
