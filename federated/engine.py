@@ -23,7 +23,7 @@ from fellrec_jax import checkpoint, privacy, sharding
 from fellrec_jax import config as config_lib
 from fellrec_jax.config import ConfigError, Diverged, RunConfig
 from fellrec_jax.data import pipeline
-from federated import client, resources, strategies
+from federated import client, losses, resources, strategies
 
 PyTree = Any
 
@@ -87,7 +87,7 @@ def heldout_batches(examples: Sequence[pipeline.ClientExamples], batch_size: int
   return {k: np.stack([s[k] for s in steps], axis=1) for k in steps[0]}
 
 
-def make_heldout_loss(spec: client.LocalSpec, loss_fn=client.generative_loss):
+def make_heldout_loss(spec: client.LocalSpec, loss_fn=losses.generative_loss):
   """`(base, lora_c, batches [C, S, ...]) -> (mean loss [C], count [C])` of each client's own adapter."""
   def one_client(base, lora, batches):
     base = client.with_round_items(spec, base, lora)
@@ -112,7 +112,7 @@ class Engine:
   strategy: strategies.Strategy
   mesh: jax.sharding.Mesh
   cuts: Sequence[int | None]  # each training client's split k (None: unsplit)
-  loss_fn: Callable = client.generative_loss  # (model outputs, batch, item vectors) -> (loss sum, count)
+  loss_fn: Callable = losses.generative_loss  # (model outputs, batch, item vectors) -> (loss sum, count)
   hidden: bool = False  # the loss takes final hidden states rather than logits
   item_side: str | None = None  # see `client.LocalSpec`
   item_tokens: bool = False

@@ -40,7 +40,7 @@ import models
 from fellrec_jax import baselines, metrics
 from fellrec_jax.config import DECODINGS
 from fellrec_jax.data import PreparedData, examples, pipeline
-from federated import client
+from federated import client, losses
 from federated.representations import (batch_indices, client_item_vectors, embed_texts, item_embeddings, pad_batch,
                                        round_up, text_representations)
 from models import transformer as tfm
@@ -249,7 +249,7 @@ def evaluate_generative(config: models.ModelConfig, base: tfm.Params, tokenizer:
 
 # ----------------------------------------------------------------------------- discriminative
 
-score_items = jax.jit(client.item_scores, static_argnames="score")  # [B, I]; training divides by a temperature
+score_items = jax.jit(losses.item_scores, static_argnames="score")  # [B, I]; training divides by a temperature
 
 
 def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokenizer,
@@ -257,7 +257,7 @@ def evaluate_discriminative(config: models.ModelConfig, base: tfm.Params, tokeni
                             ks: Sequence[int] = metrics.DEFAULT_KS, batch_size: int = 64,
                             max_users: int | None = None, item_emb: np.ndarray | None = None,
                             item_side: str = "frozen", item_tokens: bool = False, score: str = "cosine") -> dict:
-  """Scores every item for each user: `client.item_scores` (`score`: cosine or dot) of the client-adapted
+  """Scores every item for each user: `losses.item_scores` (`score`: cosine or dot) of the client-adapted
   `text_representations` of the user's input (the prompt's tokens, or with `item_tokens` the history's items
   embedded with the base-model title embeddings, run causally: `config.causal`) and the client's item
   vectors (`client_item_vectors`); excluded items masked. Arguments and result as `evaluate_generative`."""

@@ -18,7 +18,7 @@ import models
 from fellrec_jax import checkpoint, privacy, report, sharding
 from fellrec_jax.config import ConfigError, RunConfig
 from fellrec_jax.data import examples, pipeline, prepare_dataset
-from federated import client, evaluation, representations, resources, strategies
+from federated import evaluation, losses, representations, resources, strategies
 from federated import engine as engine_lib
 from models.tokenizer import pad_rows
 from models.warm_start import fit_causal_lm
@@ -178,7 +178,7 @@ def build_engine(cfg: RunConfig, name: str, prep, model, item_emb: np.ndarray | 
     base = base | item_state(cfg, config, tokenizer, prep.titles, item_emb)
     if cfg.cache_head:
       train_examples = cache_client_heads(cfg, task_config(cfg, config), base, train_examples, cuts)
-    task = dict(loss_fn=client.discriminative_loss(task_config(cfg, config), cfg.disc_temperature, cfg.disc_score),
+    task = dict(loss_fn=losses.discriminative_loss(task_config(cfg, config), cfg.disc_temperature, cfg.disc_score),
                 hidden=True, frozen_head=cfg.cache_head,
                 item_side=cfg.item_side, item_tokens=cfg.disc_input == "items",
                 item_table=item_emb if cfg.item_side == "table" else None)

@@ -10,7 +10,7 @@ import pytest
 
 import models
 from fellrec_jax.data import pipeline
-from federated import client, representations
+from federated import client, losses, representations
 
 I, D, B, T = 30, 32, 3, 6
 # Jitted once per spec: eager op-by-op dispatch of these scans and vjps is what makes a test slow.
@@ -73,7 +73,7 @@ def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
   frozen one) scores on the client tail, and item-ID embeddings (`+ids`) join before the last block. Loss and every gradient equal the unsplit model's; with the head's
   activations given (`head_act`, `--cache_head`) the server and tail see the same."""
   config, base, lora, batch = _setup(items=items)
-  loss_fn = client.discriminative_loss(config, temperature=0.1)
+  loss_fn = losses.discriminative_loss(config, temperature=0.1)
   spec = dict(hidden=True, item_side="table", item_tokens=True)
   ref = unsplit_value_and_grad(client.LocalSpec(config, **spec), base, lora, batch, None, loss_fn)
   got = split_value_and_grad(client.LocalSpec(config, split_k=k, **spec), base, lora, batch, None, loss_fn)
@@ -102,7 +102,7 @@ def test_position_loss_equals_a_numpy_softmax_over_cosine_scores():
   table = np.asarray(lora["items"]["table_id"], np.float64)
   h = np.asarray(apply(config, models.item_token_params(base, base["items"]["input_id"]), batch["input_ids"],
                               batch["attention_mask"], lora=lora, hidden=True), np.float64)
-  loss_sum, count = client.discriminative_loss(config, temperature=0.1)(jnp.asarray(h), batch, lora["items"]["table_id"])
+  loss_sum, count = losses.discriminative_loss(config, temperature=0.1)(jnp.asarray(h), batch, lora["items"]["table_id"])
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   logits = unit(h) @ unit(table).T / 0.1
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
@@ -162,9 +162,9 @@ def test_cosine_gradient_is_finite_at_a_zero_user():
   items = jax.random.normal(jax.random.key(0), (5, 4))
   users = jnp.zeros((2, 4)).at[0].set(jnp.arange(1.0, 5.0))
   mask = jnp.asarray([1.0, 0.0])
-  loss = lambda u, it: jnp.sum(client.cosine_scores(u, it)[:, 0] * mask)
+  loss = lambda u, it: jnp.sum(losses.cosine_scores(u, it)[:, 0] * mask)
   grads = jax.grad(loss, argnums=(0, 1))(users, items)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-  np.testing.assert_allclose(client.cosine_scores(users, items)[0],
+  np.testing.assert_allclose(losses.cosine_scores(users, items)[0],
                              np.asarray(items) @ np.arange(1.0, 5.0) / np.linalg.norm(items, axis=1) / np.linalg.norm(np.arange(1.0, 5.0)),
                              rtol=1e-5)

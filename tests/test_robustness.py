@@ -13,7 +13,7 @@ import pytest
 import engine_worker
 from fellrec_jax import checkpoint
 from fellrec_jax.config import ConfigError, Diverged
-from federated import client
+from federated import losses
 from federated import engine as engine_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _poisoned_loss(outputs, batch, items_id):
   """The generative loss times the batch's "poison" entries (NaN for a client made to diverge)."""
-  loss_sum, count = client.generative_loss(outputs, batch, items_id)
+  loss_sum, count = losses.generative_loss(outputs, batch, items_id)
   return loss_sum * jnp.mean(batch.get("poison", jnp.ones(()))), count  # the memory estimate's batches have none
 
 
