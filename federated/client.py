@@ -156,7 +156,8 @@ def split_segments(spec: LocalSpec, segments: tuple[PyTree, PyTree, PyTree], bat
   def tail_fn(lora_tail, act_down, items):
     trainable = {} if items is None else {"items": items}
     out = models.client_tail(cfg, tail, act_down, mask, lora=lora_tail, rng=rngs[2],
-                             tail_input_btd=tail_input(trainable, batch["input_ids"]), **model_outputs(spec.hidden, batch))
+                             tail_input_btd=tail_input(trainable, batch["input_ids"]),
+                             **model_outputs(spec.hidden, batch))
     return loss_fn(out, batch, item_vectors(frozen, trainable))
 
   return head_fn, body_fn, tail_fn

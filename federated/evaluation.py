@@ -312,8 +312,8 @@ def popularity_baseline(prep: PreparedData, part: str, ks: Sequence[int] = metri
 def reference_rows(prep: PreparedData, part: str, names: Sequence[str] = baselines.NAMES,
                    ks: Sequence[int] = metrics.DEFAULT_KS, *, max_users: int | None = None, seed: int = 0,
                    **fit_kwargs) -> dict[str, dict]:
-  """DESIGN.md §6's conventional reference rows: most-popular (always) and the other `names` of
-  `baselines.NAMES`, fitted on `prep.split.train` (`baselines.fit_baselines(..., seed=seed,
+  """The conventional reference rows every comparison reports: most-popular (always) and the other `names`
+  of `baselines.NAMES`, fitted on `prep.split.train` (`baselines.fit_baselines(..., seed=seed,
   **fit_kwargs)`: item-kNN's k and SASRec's epochs chosen on "valid") and scored by `score_baseline`.
 
   Returns:

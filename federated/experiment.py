@@ -225,7 +225,8 @@ def evaluate(cfg: RunConfig, model, lora_c, prep, part: str, item_emb: np.ndarra
 
 
 def with_primary_balance(result: dict, metric: str = "ndcg@10") -> dict:
-  """Adds DESIGN §5's flat `balance` (std/min/max/range/cv of `metric` across clients) to per-metric ones."""
+  """Adds the flat `balance` of `metric` (std/min/max/range/cv across clients), results.json's `test.balance`,
+  to the per-metric ones."""
   per_metric = result["balance"]
   primary = metric if metric in per_metric else sorted(per_metric)[0]
   return dict(result, balance={"metric": primary, **per_metric[primary], "per_metric": per_metric})

@@ -78,10 +78,10 @@ class RunConfig:
   task: Literal["generative", "discriminative"] = "generative"
   disc_temperature: float = 0.05
   disc_input: Literal["text", "items"] = "text"  # "text": the BIGRec prompt's tokens; "items": item-as-token sequences
-  item_side: Literal["frozen", "table", "encoder"] = "frozen"  # discriminative item vectors: "frozen", "table" (trained) or "encoder"
+  item_side: Literal["frozen", "table", "encoder"] = "frozen"  # discriminative item vectors; "table" is trained
   item_table_rank: int = 0  # item_side=table: 0 trains the whole table, r > 0 a rank-r correction of it
   item_ids: bool = False  # item inputs: trainable item-ID embeddings added where the client tail starts
-  item_aggregation: Literal["rows", "clients"] = "rows"  # trainable item rows: "rows" (each by the clients' counts of it) or "clients"
+  item_aggregation: Literal["rows", "clients"] = "rows"  # trainable item rows: "rows" by the clients' counts of each
   disc_score: Literal["cosine", "dot"] = "cosine"  # "cosine" (RecFormer) or "dot"
   cache_head: bool = False  # item inputs: the client head has no adapters; its activations computed once
   dtype: Dtype = "float32"
