@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 import models
-from fellrec_jax.data import examples, pipeline
+from fellrec_jax.data import examples, tokenization
 from models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -84,7 +84,7 @@ def _quoted_spans(text: str, titles: Sequence[str], from_char: int) -> list[tupl
 
 def render_prompts(records: Sequence[dict], history_titles: Sequence[Sequence[str]], tokenizer, *,
                    cutoff: int = 512, pad_multiple: int = 8) -> PromptSet:
-  """Tokenizes as training does (`fellrec_jax.data.pipeline.truncate`: [bos] + prompt + response + [eos],
+  """Tokenizes as training does (`fellrec_jax.data.tokenization.truncate`: [bos] + prompt + response + [eos],
   oldest prompt tokens dropped past `cutoff`) and records where each title's tokens are."""
   backend = tokenizer.backend
   bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
@@ -94,7 +94,7 @@ def render_prompts(records: Sequence[dict], history_titles: Sequence[Sequence[st
     prompt, response = examples.prompt_text(rec)
     enc_p = backend.encode(prompt, add_special_tokens=False)
     enc_r = backend.encode(response, add_special_tokens=False)
-    ids, p_len = pipeline.truncate(bos, list(enc_p.ids), list(enc_r.ids) + eos, cutoff)
+    ids, p_len = tokenization.truncate(bos, list(enc_p.ids), list(enc_r.ids) + eos, cutoff)
     drop = len(bos) + len(enc_p.ids) - p_len  # the oldest prompt tokens the cutoff removed
     shift = len(bos) - drop
     spans = []

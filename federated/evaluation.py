@@ -39,7 +39,7 @@ from absl import logging
 import models
 from fellrec_jax import baselines, metrics
 from fellrec_jax.config import DECODINGS
-from fellrec_jax.data import PreparedData, examples, pipeline
+from fellrec_jax.data import PreparedData, examples, tokenization
 from federated import client, losses
 from federated.representations import (batch_indices, client_item_vectors, embed_texts, item_embeddings, pad_batch,
                                        round_up, text_representations)
@@ -151,7 +151,7 @@ def _evaluate(config: models.ModelConfig, tokenizer: Tokenizer, lora_c: tfm.Para
     rows = [[h[m > 0].tolist() for h, m in zip(w.history, w.history_mask)] for w, _, _ in clients]
     width, pad_id = prep.split.history_len, 0
   else:
-    rows = [pipeline.text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
+    rows = [tokenization.text_rows(config, tokenizer, _prompts(prep, w), max_prompt_len) for w, _, _ in clients]
     width, pad_id = round_up(max((len(r) for rs in rows for r in rs), default=1)), tokenizer.pad_id
   batch = max(1, min(batch_size, max(len(rs) for rs in rows)))
   per_client = []

@@ -17,7 +17,7 @@ from absl import logging
 import models
 from fellrec_jax import checkpoint, privacy, report, sharding
 from fellrec_jax.config import ConfigError, RunConfig
-from fellrec_jax.data import examples, pipeline, prepare_dataset
+from fellrec_jax.data import examples, pipeline, prepare_dataset, tokenization
 from federated import evaluation, losses, representations, resources, strategies
 from federated import engine as engine_lib
 from models.tokenizer import pad_rows
@@ -85,7 +85,7 @@ def catalogue_rows(tokenizer, titles: list[str], max_len: int, *, seed: int, num
 
 def _prompt_examples(cfg, config, tokenizer, windows_per_client, prep) -> list[pipeline.PromptExamples]:
   """Discriminative examples: each window's prompt tokenized as the evaluation embeds it, plus its target."""
-  rows = [pipeline.text_rows(config, tokenizer, [prompt for prompt, _ in prep.prompts(w)],
+  rows = [tokenization.text_rows(config, tokenizer, [prompt for prompt, _ in prep.prompts(w)],
                                min(cfg.cutoff_len, config.max_positions)) for w in windows_per_client]
   seq_len = -(-max((len(r) for rs in rows for r in rs), default=1) // 8) * 8
   return [pipeline.PromptExamples.from_rows(rs, w.target, seq_len=seq_len, pad_id=tokenizer.pad_id,
@@ -133,7 +133,7 @@ def item_state(cfg: RunConfig, config: models.ModelConfig, tokenizer, titles, it
   if cfg.item_side == "frozen" or (cfg.item_side == "table" and cfg.item_table_rank):
     items["table_id"] = np.asarray(item_emb, np.float32)
   if cfg.item_side == "encoder":
-    rows = pipeline.text_rows(config, tokenizer, titles, config.max_positions)
+    rows = tokenization.text_rows(config, tokenizer, titles, config.max_positions)
     items["title_ids"], items["title_mask"] = pad_rows(rows, tokenizer.pad_id, "left" if config.left_padded else "right")
   return {"items": items} if items else {}
 

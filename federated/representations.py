@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from fellrec_jax.data import pipeline
+from fellrec_jax.data import tokenization
 from federated import client
 from models import transformer as tfm
 from models.tokenizer import Tokenizer, pad_rows
@@ -58,7 +58,7 @@ def embed_texts(config: models.ModelConfig, base: tfm.Params, tokenizer: Tokeniz
   """`[N, D]` float32 `text_representations` of `texts` in batches of `min(batch_size, N)`. With `width`
   every batch is `[B, width]` (one compiled shape across calls); without it the rows go in length order,
   each batch as wide as its longest row rounded up to 16, so a few long texts do not pad every batch."""
-  rows = pipeline.text_rows(config, tokenizer, texts, config.max_positions)
+  rows = tokenization.text_rows(config, tokenizer, texts, config.max_positions)
   if not rows:
     return np.zeros((0, config.hidden_size), np.float32)
   order = np.arange(len(rows)) if width else np.argsort([len(r) for r in rows], kind="stable")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fellrec_jax.data import examples, pipeline, preprocess, prepare_dataset, sources
+from fellrec_jax.data import examples, pipeline, preprocess, prepare_dataset, sources, tokenization
 
 ML = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 needs_ml = pytest.mark.skipif(not (ML / "ratings.csv").exists(), reason=f"ml-latest-small not found at {ML}")
@@ -158,11 +158,11 @@ def _loss_mask(batch, c, r, t):
 
 def test_tokenize_truncation_keeps_response():
   tok = WordTokenizer()
-  ids, p = pipeline.tokenize(tok, " ".join(f"w{i}" for i in range(50)), "a b c", cutoff=10)
+  ids, p = tokenization.tokenize(tok, " ".join(f"w{i}" for i in range(50)), "a b c", cutoff=10)
   assert len(ids) == 10 and ids[0] == tok.bos_id and p == 6
   assert ids[-4:] == tok.encode("a b c") + [tok.eos_id]
   assert ids[1:p] == tok.encode(" ".join(f"w{i}" for i in range(45, 50)))
-  ids, p = pipeline.tokenize(tok, "x y", "a b", cutoff=512)
+  ids, p = tokenization.tokenize(tok, "x y", "a b", cutoff=512)
   assert ids == [tok.bos_id] + tok.encode("x y a b") + [tok.eos_id] and p == 3
 
 

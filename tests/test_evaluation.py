@@ -9,7 +9,7 @@ import pytest
 
 import models
 from fellrec_jax import metrics
-from fellrec_jax.data import examples, pipeline, prepare_dataset
+from fellrec_jax.data import examples, pipeline, prepare_dataset, tokenization
 from federated import evaluation as ev
 from federated import representations
 from models.tokenizer import pad_rows
@@ -46,8 +46,8 @@ def _check_schema(result, prep, part, ks=(5, 10)):
 def test_decoder_rows_match_training_tokenization(setup):
   prep, config, _, tokenizer, _, _ = setup
   title = prep.titles[0]
-  assert pipeline.text_rows(config, tokenizer, [title], 64) == [[tokenizer.bos_id] + tokenizer.encode(title)]
-  long_row = pipeline.text_rows(config, tokenizer, [title * 20], 8)[0]  # truncation keeps bos and the end
+  assert tokenization.text_rows(config, tokenizer, [title], 64) == [[tokenizer.bos_id] + tokenizer.encode(title)]
+  long_row = tokenization.text_rows(config, tokenizer, [title * 20], 8)[0]  # truncation keeps bos and the end
   assert long_row == [tokenizer.bos_id] + tokenizer.encode(title * 20)[-7:]
 
 
@@ -132,7 +132,7 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prom
   target = next(i for i in range(len(prep.titles)) if not any(i in ex for ex in excluded))
   # Training's (prompt, response) of each window answered with the target, tokenized as training does.
   pairs = prep.prompts(dataclasses.replace(windows, target=np.full(len(windows), target, np.int32)))
-  tokenized = [pipeline.tokenize(tokenizer, p, r) for p, r in pairs]
+  tokenized = [tokenization.tokenize(tokenizer, p, r) for p, r in pairs]
   ids_bt, mask_bt = pad_rows([ids for ids, _ in tokenized], tokenizer.pad_id, "right")
   # Next-token targets at the response positions only.
   loss_mask_bt = np.zeros_like(mask_bt)
@@ -150,7 +150,7 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prom
   step = jax.jit(lambda lora, opt: (lambda g: (optax.apply_updates(lora, tx.update(g, opt)[0]), tx.update(g, opt)[1]))(
       jax.grad(loss_fn)(lora)))
   trie = ev.catalogue_trie(tokenizer, prep.titles, prompt)
-  prompt_ids, prompt_mask = pad_rows(pipeline.text_rows(config, tokenizer, [p for p, _ in pairs], 512), tokenizer.pad_id,
+  prompt_ids, prompt_mask = pad_rows(tokenization.text_rows(config, tokenizer, [p for p, _ in pairs], 512), tokenizer.pad_id,
                                      "left")
   exclude = metrics.exclusion_mask(excluded, len(prep.titles))
   end = ev.response_end(tokenizer, prompt)
@@ -201,7 +201,7 @@ def test_encoder_discriminative(setup):
   prep = setup[0]
   config, base, tokenizer = models.load("tiny-bert", corpus=list(prep.titles), num_layers=1,
                                         lora=models.LoraConfig(rank=2))
-  rows = pipeline.text_rows(config, tokenizer, ["x" * 600], 32)
+  rows = tokenization.text_rows(config, tokenizer, ["x" * 600], 32)
   assert len(rows[0]) <= 32 and rows[0][0] == tokenizer.backend.token_to_id("[CLS]")
   lora_c = jax.tree.map(lambda x: np.stack([x] * C), models.init_lora(config, base, jax.random.key(0)))
   result = ev.evaluate_discriminative(config, base, tokenizer, lora_c, prep, "test", ks=(5, 10), max_users=3)

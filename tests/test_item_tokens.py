@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import models
-from fellrec_jax.data import pipeline
+from fellrec_jax.data import pipeline, tokenization
 from federated import client, losses, representations
 
 I, D, B, T = 30, 32, 3, 6
@@ -119,7 +119,7 @@ def test_encoder_item_side_trains_against_the_vectors_evaluation_ranks_by():
                                                   lora=models.LoraConfig(rank=2, dropout=0.0))
   titles = [f"movie {i} part {i % 3}" for i in range(12)]
   lora = jax.tree.map(lambda x: x + 0.05, models.init_lora(config, base0, jax.random.key(0)))
-  rows = pipeline.text_rows(config, tokenizer, titles, config.max_positions)
+  rows = tokenization.text_rows(config, tokenizer, titles, config.max_positions)
   ids, mask = models.tokenizer.pad_rows(rows, tokenizer.pad_id, "right")
   base = dict(base0, items={"title_ids": ids, "title_mask": mask})
   spec = client.LocalSpec(dataclasses.replace(config, causal=True), split_k=1, hidden=True, item_side="encoder",

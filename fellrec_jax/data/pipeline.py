@@ -4,6 +4,13 @@ Batches are a pure function of (seed, epoch, step): client c's epoch-`epoch` ord
 `MapDataset` shuffle seeded by (seed, epoch, c), and step s takes that order's s-th slice of
 `batch_size`. So an iterator is resumed exactly from the dict {"seed", "epoch", "step"}.
 
+What grain does and what is kept by hand: the per-epoch reshuffle is grain's (`MapDataset.shuffle`). The
+iterator state is those three integers, stored in each checkpoint, rather than C grain iterators' `get_state`:
+a `MapDataset` is random access, so they are the whole position, and the lockstep across clients (an
+exhausted client yields all-padding batches) is not a grain transformation. No prefetching: a round's
+batches are gathered at once, before its one jitted program, in 0.3-0.5 s against 90-138 s of local
+training per quickstart round (measured, shared cores).
+
 Lockstep: an epoch has S = max_c steps_c steps (steps_c = ceil(n_c / B)); at each step every client
 yields a batch. A client's last batch is zero-padded to B, and a client that has run out of data
 yields an all-padding batch; padded rows have example_mask 0 (and all other masks 0).
@@ -29,7 +36,7 @@ Item-as-token batch (`ItemSequences`): input_ids (item ids, left-padded with 0, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import grain
 from absl import logging
@@ -38,59 +45,7 @@ import numpy as np
 from fellrec_jax.data import examples as examples_lib
 from fellrec_jax.data.prepare import PreparedData
 from fellrec_jax.data.sources import DataError
-
-
-class Tokenizer(Protocol):
-  bos_id: int | None
-  eos_id: int | None
-  pad_id: int
-
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without special tokens."""
-
-
-def tokenize(tokenizer: Tokenizer, prompt: str, response: str, *, cutoff: int = 512) -> tuple[list[int], int]:
-  """[bos] + encode(prompt) + encode(response) + [eos], at most `cutoff` tokens; returns (ids, P) with P
-  the number of prompt tokens (bos included). A None bos/eos id is left out.
-
-  Over-long examples keep the whole response and bos, and drop the oldest prompt tokens (the front
-  of the template), because the history's most recent titles and the "### Response:" marker sit at the
-  end of the prompt. A response longer than the cutoff alone is cut at its end.
-  """
-  return truncate(*_encode(tokenizer, prompt, response), cutoff)
-
-
-def _encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int], list[int]]:
-  """The untruncated `([bos], encode(prompt), encode(response) + [eos])`."""
-  head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-  tail = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-  return head, tokenizer.encode(prompt), tokenizer.encode(response) + tail
-
-
-def truncate(head: list[int], body: list[int], resp: list[int], cutoff: int) -> tuple[list[int], int]:
-  """`head + body + resp` cut to `cutoff` tokens as `tokenize` cuts: the whole head and response (the
-  response cut at its end only if it alone is too long), the body's oldest tokens dropped. Returns `(ids,
-  len(head) + kept body tokens)`. The one cutoff rule: training, evaluation prompts and the attack use it."""
-  resp = resp[:cutoff - len(head)]
-  room = cutoff - len(head) - len(resp)
-  body = body[len(body) - room:] if 0 < room < len(body) else (body if room > 0 else [])
-  return head + body + resp, len(head) + len(body)
-
-
-def text_rows(config, tokenizer, texts: Sequence[str], max_len: int
-              ) -> list[list[int]]:
-  """Token ids per text to embed or continue, the oldest tokens dropped beyond `max_len` (`truncate`):
-  decoders (`config.is_decoder`) `[bos] + encode(text)`; encoders the tokenizer's own `[CLS] ... [SEP]`."""
-  if config.is_decoder:
-    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return [truncate(head, ids, [], max_len)[0] for ids in map(tokenizer.encode, texts)]
-  backend = tokenizer.backend
-  rows = []
-  for text in texts:
-    enc = backend.encode(text, add_special_tokens=False)
-    enc.truncate(max_len - backend.num_special_tokens_to_add(False), direction="left")
-    rows.append(backend.post_process(enc).ids)
-  return rows
+from fellrec_jax.data.tokenization import Tokenizer, encode_parts, truncate
 
 
 def targets_from_loss_mask(loss_mask: np.ndarray, num_targets: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +215,7 @@ def tokenize_clients(prompts: Sequence[Sequence[tuple[str, str]]], tokenizer: To
   """Tokenized (prompt, response) pairs per client. T = the longest example over all clients rounded up
   to `pad_multiple` (and at most `cutoff`), R = the most targets of any example likewise (at most T-1);
   both the same for every client so batches stack."""
-  encoded = [[_encode(tokenizer, *pair) for pair in pairs] for pairs in prompts]
+  encoded = [[encode_parts(tokenizer, *pair) for pair in pairs] for pairs in prompts]
   full = [sum(map(len, parts)) for client in encoded for parts in client]
   truncated = sum(n > cutoff for n in full)
   if truncated:
