@@ -21,7 +21,7 @@ from absl import logging
 import models
 from fellrec_jax.config import RunConfig
 from federated import engine, experiment, resources
-from models.loading import hf_config
+from models.hf_checkpoint import hf_config
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 20, 24)
 
