@@ -23,7 +23,7 @@ from fellrec_jax import checkpoint, privacy, sharding
 from fellrec_jax import config as config_lib
 from fellrec_jax.config import ConfigError, Diverged, RunConfig
 from fellrec_jax.data import pipeline
-from federated import client, losses, resources, strategies
+from federated import client, losses, round_memory, strategies
 
 PyTree = Any
 
@@ -286,7 +286,7 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     _, state, saved = restored
     meta |= {k: v for k, v in saved.items() if k != "config"}
     logging.info("resumed from %s at round %d", mngr.directory, meta["round"])
-  resources.check_memory_fits(engine, state)  # before the first compile: refuse a round that will not fit
+  round_memory.check_memory_fits(engine, state)  # before the first compile: refuse a round that will not fit
   batch_iter = pipeline.iterate(engine.train_examples, batch_size=cfg.batch_size, state=meta["data"])
   history = list(meta["history"])
 

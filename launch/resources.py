@@ -1,6 +1,6 @@
 """`--mode=resources`: the flexible-storage table across cuts k, for real weights or a config.json alone.
 
-`run(cfg, split_ks)` prints a table and writes `<workdir>/resources.json`:
+`run(cfg, split_ks)` prints a table (`table`) and writes `<workdir>/resources.json`:
   {"model", "model_config", "batch_size", "seq_len", "dtype", "server_lora", "micro_per_round",
    "rows": [per-k `federated.resources.report`], ["auto_k", "client_memory_budget_mb"]}
 `--model` may be a preset, a .gguf file, an HF directory, or a directory (or file) holding only a
@@ -21,7 +21,7 @@ from absl import logging
 import models
 from fellrec_jax.config import RunConfig
 from federated import engine, experiment, resources
-from models.loading import hf_config
+from models.hf_checkpoint import hf_config
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 20, 24)
 
@@ -71,7 +71,7 @@ def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
   if budgets:
     out |= {"client_memory_budget_mb": list(budgets),
             "auto_k": [resources.choose_split_k(config, mb, b, t, server_lora=cfg.server_lora) for mb in budgets]}
-  text = resources.table(rows)
+  text = table(rows)
   print(f"{cfg.model}: {config.num_layers} blocks, {rows[0]['total_params'] / 1e6:.1f}M params, "
         f"batch {b}x{t}, {cfg.dtype}, server LoRA {cfg.server_lora}")
   print(text)
@@ -82,3 +82,22 @@ def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
   (workdir / "resources.json").write_text(json.dumps(out, indent=1))
   logging.info("wrote %s", workdir / "resources.json")
   return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  """A fixed-width text table of per-k reports (MiB, GFLOP per example)."""
+  cols = [("k", "k", lambda r: f"{r['k']}"),
+          ("client params", "cp", lambda r: f"{r['client_params'] / 1e6:.1f}M"),
+          ("server params", "sp", lambda r: f"{r['server_params'] / 1e6:.1f}M"),
+          ("client %", "cs", lambda r: f"{100 * r['client_share_params']:.1f}"),
+          ("client MiB", "cb", lambda r: f"{(r['client_param_bytes'] + r.get('client_lora_bytes', 0) + r.get('client_opt_bytes', 0)) / resources.MIB:.1f}"),
+          ("client peak MiB", "pk", lambda r: f"{r['client_peak_bytes'] / resources.MIB:.1f}"),
+          ("footprint MiB", "fp", lambda r: f"{r['client_footprint_bytes'] / resources.MIB:.1f}"),
+          ("server peak MiB", "sk", lambda r: f"{r['server_peak_bytes'] / resources.MIB:.1f}"),
+          ("client GFLOP/ex", "cf", lambda r: f"{r['client_flops_per_example'] / 1e9:.2f}"),
+          ("server GFLOP/ex", "sf", lambda r: f"{r['server_flops_per_example'] / 1e9:.2f}"),
+          ("client FLOP %", "cfs", lambda r: f"{100 * r['client_share_flops']:.1f}"),
+          ("up MiB/step", "up", lambda r: f"{r['bytes_up_per_step'] / resources.MIB:.2f}")]
+  cells = [[c[0] for c in cols]] + [[c[2](r) for c in cols] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+  return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)

@@ -1,7 +1,10 @@
 """Pure-functional LLM backbones: Llama-family decoder, BERT-family encoder, LoRA, the U-shaped split."""
 
 from models.config import LoraConfig, ModelConfig, tiny_bert, tiny_llama
-from models.loading import PRESETS, TINY_PRESETS, ModelError, load, load_gguf, load_hf_dir
+from models.gguf_file import load_gguf
+from models.hf_checkpoint import load_hf_dir
+from models.layout import ModelError
+from models.loading import PRESETS, TINY_PRESETS, load
 from models.lora import init_lora, merge_lora
 from models.split import client_head, client_tail, server_body, split
 from models.tokenizer import Tokenizer

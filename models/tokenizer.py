@@ -111,6 +111,35 @@ class Tokenizer:
       return cls(backend, bos_id=None, eos_id=None, pad_id=pad_id)
     return cls(backend, bos_id=first_id, eos_id=last_id, pad_id=pad_id)
 
+  @classmethod
+  def from_gguf(cls, meta: dict) -> Tokenizer | None:
+    """The GPT-2-style byte-level BPE described by a GGUF file's `tokenizer.ggml.*` metadata; None when
+    the file has no tokenizer."""
+    import gguf  # only needed for GGUF files
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+      return None
+    if kind != "gpt2":
+      raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    types = meta.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    backend = tokenizers.Tokenizer(tok_models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>, ...) must be matched whole in text and are skipped when decoding.
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == gguf.TokenType.CONTROL])
+    backend.add_tokens([tokenizers.AddedToken(t, normalized=False)
+                        for t, k in zip(tokens, types) if k == gguf.TokenType.USER_DEFINED])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+      backend.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                             special_tokens=[(tokens[bos], bos)])
+    return cls(backend, bos_id=bos, eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+               pad_id=meta.get("tokenizer.ggml.padding_token_id"), chat_template=meta.get("tokenizer.chat_template"))
+
   # --------------------------------------------------------------------------- encoding
 
   @property
@@ -180,3 +209,13 @@ def _raise_template_error(message: str):
 
 def _read_json(path: pathlib.Path) -> dict:
   return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+  """The `tokenizers` pre-tokenizer matching a GGUF `tokenizer.ggml.pre` name."""
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if name in ("default", "gpt-2"):
+    return byte_level
+  if name == "smollm":  # SmolLM's tokenizer.json: digits one by one, then GPT-2 byte-level splitting
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  raise ValueError(f"unsupported GGUF pre-tokenizer {name!r}; supported: 'default', 'gpt-2', 'smollm'")

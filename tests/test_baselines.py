@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fellrec_jax import baselines as bl
+from fellrec_jax.baselines import item_knn, sasrec, scoring
 from fellrec_jax import metrics
 from fellrec_jax.data import prepare_dataset
 from fellrec_jax.data.preprocess import Split
@@ -41,7 +42,7 @@ def _numpy_cosine(users, num_items):
 
 
 def test_cosine_similarity_by_hand():
-  sim = bl.cosine_similarity([np.asarray(u) for u in TINY_USERS], 6)  # item 5: never seen
+  sim = item_knn.cosine_similarity([np.asarray(u) for u in TINY_USERS], 6)  # item 5: never seen
   # Item 0 is held by users {0, 1}, item 1 by {0, 1, 2}, item 4 by {3} (once, despite the repeat).
   assert sim[0, 1] == pytest.approx(2 / np.sqrt(6))
   assert sim[3, 4] == pytest.approx(1 / np.sqrt(2))
@@ -61,7 +62,7 @@ def test_item_knn_scores_match_numpy(k):
   histories = [np.asarray([0]), np.asarray([1, 3, 3]), np.asarray([], np.int32)]
   # Candidate j sums its kept similarities to the user's distinct history items.
   expected = np.asarray([[sum(kept[j, i] for i in set(h.tolist())) for j in range(num_items)] for h in histories])
-  score = bl.item_knn_scores([np.asarray(u) for u in TINY_USERS], num_items, k=k)
+  score = item_knn.item_knn_scores([np.asarray(u) for u in TINY_USERS], num_items, k=k)
   np.testing.assert_allclose(score(np.arange(3), histories), expected, rtol=1e-6)
 
 
@@ -69,11 +70,11 @@ def test_item_knn_k_is_tuned_on_validation():
   # Two disjoint item communities: neighbours inside the user's community predict the held-out items.
   rng = np.random.default_rng(0)
   seqs = [rng.permutation(np.arange(10) + 10 * (u % 2))[:8] for u in range(30)]
-  fitted = bl.fit_item_knn(_split(seqs), 20, ks=(1, 5, None))
+  fitted = item_knn.fit_item_knn(_split(seqs), 20, ks=(1, 5, None))
   assert fitted.info["k"] in (1, 5, "all")
   best = fitted.info["valid_ndcg@10"][str(fitted.info["k"])]
   assert best == max(fitted.info["valid_ndcg@10"].values())
-  assert bl.split_ndcg(_split(seqs), 20, fitted.score, "test") > 0.2  # chance ~ 10 / 14 of 20 items: 0.1
+  assert scoring.split_ndcg(_split(seqs), 20, fitted.score, "test") > 0.2  # chance ~ 10 / 14 of 20 items: 0.1
 
 
 # ----------------------------------------------------------------------------- SASRec forward
@@ -118,19 +119,19 @@ def _np_sasrec_logits(cfg, params, ids):
 
 
 def test_sasrec_logits_match_numpy():
-  cfg = bl.SASRecConfig(num_items=11, max_len=6, dim=8, num_blocks=2, num_heads=2, dropout=0.5)
-  params = bl.init_sasrec(cfg, jax.random.key(3))
+  cfg = sasrec.SASRecConfig(num_items=11, max_len=6, dim=8, num_blocks=2, num_heads=2, dropout=0.5)
+  params = sasrec.init_sasrec(cfg, jax.random.key(3))
   rng = np.random.default_rng(1)
   # Non-trivial norms and biases, so a mix-up of scale/bias or of the normalized residual shows.
   params = jax.tree.map(lambda a: np.asarray(a) + 0.1 * rng.normal(size=a.shape).astype(np.float32), params)
   params["item_emb"][0] = 0.0
-  ids = bl.left_pad([np.asarray([3, 7, 1, 10]), np.asarray([5]), np.arange(11)], cfg.max_len)
-  logits = jax.jit(bl.sasrec_logits, static_argnums=0)  # one compilation instead of per-op dispatch
+  ids = sasrec.left_pad([np.asarray([3, 7, 1, 10]), np.asarray([5]), np.arange(11)], cfg.max_len)
+  logits = jax.jit(sasrec.sasrec_logits, static_argnums=0)  # one compilation instead of per-op dispatch
   got = np.asarray(logits(cfg, params, ids))
   want = _np_sasrec_logits(cfg, params, ids)
   valid = ids > 0
   np.testing.assert_allclose(got[valid], want[valid], rtol=1e-4, atol=1e-4)
-  last = np.asarray(bl.sasrec_last_logits(cfg, params, ids))
+  last = np.asarray(sasrec.sasrec_last_logits(cfg, params, ids))
   np.testing.assert_allclose(last, got[:, -1], rtol=1e-5, atol=1e-5)
   # Dropout is on with a key, off without one.
   assert not np.allclose(np.asarray(logits(cfg, params, ids, jax.random.key(0)))[valid], got[valid])
@@ -138,7 +139,7 @@ def test_sasrec_logits_match_numpy():
 
 def test_training_chunks_cover_every_transition_once():
   seqs = [np.arange(12), np.asarray([4, 2]), np.asarray([9])]
-  inputs, targets = bl.training_chunks(seqs, 5)
+  inputs, targets = sasrec.training_chunks(seqs, 5)
   pairs = sorted((int(a) - 1, int(b) - 1) for x, y in zip(inputs, targets) for a, b in zip(x, y) if b > 0)
   expected = sorted([(i, i + 1) for i in range(11)] + [(4, 2)])
   assert pairs == expected
@@ -154,27 +155,27 @@ def test_sasrec_learns_a_successor_pattern():
   rng = np.random.default_rng(0)
   seqs = [(rng.integers(num_items) + np.arange(rng.integers(6, 16))) % num_items for _ in range(64)]
   split = _split(seqs, history_len=8)
-  model = bl.SASRecConfig(num_items, max_len=8, dim=32, dropout=0.1)
-  train = bl.TrainConfig(learning_rate=5e-3, batch_size=32, max_epochs=30, eval_every=5, patience=2,
+  model = sasrec.SASRecConfig(num_items, max_len=8, dim=32, dropout=0.1)
+  train = sasrec.TrainConfig(learning_rate=5e-3, batch_size=32, max_epochs=30, eval_every=5, patience=2,
                          time_budget_s=60)
-  fitted = bl.train_sasrec(split, num_items, seed=0, model=model, train=train)
+  fitted = sasrec.train_sasrec(split, num_items, seed=0, model=model, train=train)
   print(fitted.info)
   assert fitted.info["valid_ndcg@10"] > 0.95
-  assert bl.split_ndcg(split, num_items, fitted.score, "test") > 0.95
+  assert scoring.split_ndcg(split, num_items, fitted.score, "test") > 0.95
   # Reproducible for a seed (a short run: the same compiled epoch).
   short = dataclasses.replace(train, max_epochs=2, eval_every=1)
   users = np.arange(4)
-  a, b = (bl.train_sasrec(split, num_items, seed=0, model=model, train=short).score(
-      users, bl.eval_histories(split, users, "test")) for _ in range(2))
+  a, b = (sasrec.train_sasrec(split, num_items, seed=0, model=model, train=short).score(
+      users, scoring.eval_histories(split, users, "test")) for _ in range(2))
   np.testing.assert_array_equal(a, b)
 
 
 def test_eval_histories():
   split = _split([np.arange(6), np.arange(10, 14)])
-  assert bl.eval_histories(split, [0, 1], "valid")[1].tolist() == [10, 11]
-  assert bl.eval_histories(split, [0, 1], "test")[0].tolist() == [0, 1, 2, 3, 4]
+  assert scoring.eval_histories(split, [0, 1], "valid")[1].tolist() == [10, 11]
+  assert scoring.eval_histories(split, [0, 1], "test")[0].tolist() == [0, 1, 2, 3, 4]
   with pytest.raises(ValueError):
-    bl.eval_histories(split, [0], "train")
+    scoring.eval_histories(split, [0], "train")
 
 
 # ----------------------------------------------------------------------------- evaluation harness
@@ -212,8 +213,8 @@ def test_popularity_through_the_shared_loop_is_unchanged(synthetic, part, max_us
 def test_reference_rows_schema(synthetic):
   from federated import evaluation as ev
   rows = ev.reference_rows(synthetic, "test", ("item_knn", "sasrec"), (5, 10), knn_ks=(5, None),
-                           sasrec_model=bl.SASRecConfig(len(synthetic.titles), max_len=8, dim=16),
-                           sasrec_train=bl.TrainConfig(max_epochs=2, eval_every=1))
+                           sasrec_model=sasrec.SASRecConfig(len(synthetic.titles), max_len=8, dim=16),
+                           sasrec_train=sasrec.TrainConfig(max_epochs=2, eval_every=1))
   assert list(rows) == ["most_popular", "item_knn", "sasrec"]
   pop = ev.popularity_baseline(synthetic, "test", (5, 10))
   assert {k: v for k, v in rows["most_popular"].items() if k != "fit"} == pop
@@ -232,7 +233,7 @@ def test_item_knn_beats_popularity_on_ml_latest_small():
   prep, _ = prepare_dataset("movielens", ML_SMALL, num_clients=5, split="loo", partition="random")
   num_items = len(prep.titles)
   start = time.perf_counter()
-  knn = bl.fit_item_knn(prep.split, num_items)
+  knn = item_knn.fit_item_knn(prep.split, num_items)
   assert time.perf_counter() - start < 120
-  pop = bl.split_ndcg(prep.split, num_items, bl.most_popular(prep.split.train, num_items), "test")
-  assert bl.split_ndcg(prep.split, num_items, knn.score, "test") > 1.2 * pop
+  pop = scoring.split_ndcg(prep.split, num_items, bl.most_popular(prep.split.train, num_items), "test")
+  assert scoring.split_ndcg(prep.split, num_items, knn.score, "test") > 1.2 * pop

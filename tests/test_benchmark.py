@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from launch import benchmark
+from launch import benchmark  # noqa: F401 (defines the flags the sections read)
+from launch.bench import (aggregation, client_execution, cpu_round, fixtures, loss_positions, measure, original_design,
+                          scale, summary)
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +30,19 @@ def test_jaxpr_flops_counts_scan_bodies_times_length():
   def f(x, w):
     return jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0]
   x, w = jnp.ones((4, 5)), jnp.ones((3, 5, 5))
-  assert benchmark.jaxpr_flops(f, x, w) == 3 * 2 * 4 * 5 * 5
-  assert benchmark.jaxpr_flops(jax.jit(lambda a, b: a @ b), jnp.ones((2, 3)), jnp.ones((3, 7))) == 2 * 2 * 3 * 7
+  assert measure.jaxpr_flops(f, x, w) == 3 * 2 * 4 * 5 * 5
+  assert measure.jaxpr_flops(jax.jit(lambda a, b: a @ b), jnp.ones((2, 3)), jnp.ones((3, 7))) == 2 * 2 * 3 * 7
 
 
 def test_synthetic_batches_are_right_padded_with_shifted_targets():
-  b = benchmark.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0)
+  b = fixtures.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0)
   am = b["attention_mask"]
   assert b["input_ids"].shape == (2, 1, 1, 3, 8) and b["target_index"].shape == (2, 1, 1, 3, 7)
   assert np.all(np.diff(am, axis=-1) <= 0)  # ones then zeros
   assert np.all(b["input_ids"][am == 0] == 0)
   np.testing.assert_array_equal(b["target_mask"], am[..., 1:])  # every real next token
   np.testing.assert_array_equal(b["target_index"], np.arange(7) * am[..., 1:])
-  r = benchmark.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0, response_tokens=2)
+  r = fixtures.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0, response_tokens=2)
   length = r["attention_mask"].sum(-1)
   np.testing.assert_array_equal(r["target_index"], np.stack([length - 3, length - 2], -1))  # the last 2 tokens
   assert r["target_mask"].all()
@@ -49,15 +51,15 @@ def test_synthetic_batches_are_right_padded_with_shifted_targets():
 @pytest.mark.slow
 def test_sections_smoke_and_json_keys(tmp_path):
   peak, bandwidth = 1e11, 1e10
-  out = {"client_execution": benchmark.client_execution_section(True, False, 1, peak)}
-  out["mfu"] = benchmark.mfu_summary(out["client_execution"], peak, "test")
-  out["loss_positions"] = benchmark.loss_positions_section(True, False, 1, model="tiny-llama")
-  out["cpu_round"] = benchmark.cpu_round_section(True, 1, model="tiny-llama")
-  out["aggregation"] = benchmark.aggregation_section(True, 1, bandwidth, peak, sizes=[("smollm2-135m", (2,))])
-  out["scale"] = benchmark.scale_section(True, False, False, model="tiny-llama", confirm=False, check_run=False)
-  out["original_design"] = benchmark.original_design_section(True, 1)
+  out = {"client_execution": client_execution.client_execution_section(True, False, 1, peak)}
+  out["mfu"] = client_execution.mfu_summary(out["client_execution"], peak, "test")
+  out["loss_positions"] = loss_positions.loss_positions_section(True, False, 1, model="tiny-llama")
+  out["cpu_round"] = cpu_round.cpu_round_section(True, 1, model="tiny-llama")
+  out["aggregation"] = aggregation.aggregation_section(True, 1, bandwidth, peak, sizes=[("smollm2-135m", (2,))])
+  out["scale"] = scale.scale_section(True, False, False, model="tiny-llama", confirm=False, check_run=False)
+  out["original_design"] = original_design.original_design_section(True, 1)
   out["seconds"] = 0.0
-  benchmark.summary(out)
+  summary.summary(out)
   data = json.loads(json.dumps(out, default=float))
 
   assert data["client_execution"]["speedup"] > 0

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import models
-from models import loading
+from models import gguf_file
 
 
 def _hf_llama_tensors(params, num_layers):
@@ -202,7 +202,7 @@ def test_garbage_safetensors_and_config_name_the_file(tmp_path, tiny_decoder):
 def test_unpermute_inverts_llama_cpp_permute():
   w = np.arange(8 * 3 * 5, dtype=np.float32).reshape(24, 5)  # 3 heads of head_dim 8
   permuted = w.reshape(3, 2, 4, 5).swapaxes(1, 2).reshape(24, 5)
-  np.testing.assert_array_equal(loading.unpermute_rope_rows(permuted, 3), w)
+  np.testing.assert_array_equal(gguf_file.unpermute_rope_rows(permuted, 3), w)
 
 
 # ----------------------------------------------------------------------------- presets and tokenizers

@@ -80,11 +80,12 @@ def measure(params: dict) -> dict:
   import numpy as np
 
   from federated import engine as engine_lib
-  from federated import resources
+  from federated import round_memory
+  from fellrec_jax import host_memory
 
   eng = make_engine(**params)
   stages = {"engine": high_water_bytes()}
-  est = resources.estimate_round_peak(eng)
+  est = round_memory.estimate_round_peak(eng)
   stages["estimate (compiles)"] = high_water_bytes()
   reset_high_water()
   stages["reset"] = high_water_bytes()
@@ -104,7 +105,7 @@ def measure(params: dict) -> dict:
   machine = {"arch": platform.machine(), "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
              "jax": jax.__version__}
   return {"estimate": est, "peak": stages["validate"], "stages": stages, "machine": machine,
-          "rss_now": resources.process_rss_bytes()}
+          "rss_now": host_memory.process_rss_bytes()}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -123,9 +124,9 @@ def measured_run():
 @pytest.fixture(scope="module")
 def small(measured_run):
   """Small engines at (clients, group size) and their round estimates (no held-out program)."""
-  from federated import resources
+  from federated import round_memory
   engines = {(c, g): make_engine(**(SMALL | dict(num_clients=c)), group_size=g) for c, g in ((4, 1), (8, 1), (4, None))}
-  return {key: (eng, resources.estimate_round_peak(eng, with_heldout=False)) for key, eng in engines.items()}
+  return {key: (eng, round_memory.estimate_round_peak(eng, with_heldout=False)) for key, eng in engines.items()}
 
 
 def test_peak_grows_with_group_size_not_with_clients(small):
@@ -142,28 +143,29 @@ def test_peak_grows_with_group_size_not_with_clients(small):
 
 
 def test_a_run_that_will_not_fit_is_refused_naming_the_flags(small, caplog, monkeypatch):
-  from federated import resources
+  from federated import round_memory
+  from fellrec_jax import host_memory
   from fellrec_jax.config import ConfigError
   eng, est = small[4, None]  # group size unset: all 4 clients in one program; its round is compiled already
   growth = est["total"] - est["resident"]  # what a round adds to this process, whatever its RSS now
   with caplog.at_level("INFO"):
-    assert resources.check_memory_fits(eng, available=10 * growth)["total"] > 0
+    assert round_memory.check_memory_fits(eng, available=10 * growth)["total"] > 0
   assert "estimated peak memory of a round" in caplog.text
   # room for about half the scratch: two clients per program
   with pytest.raises(ConfigError, match=r"--client_group_size=2 .*--batch_size=4.*--cutoff_len.*--split_k"):
-    resources.check_memory_fits(eng, available=growth - est["round_temp"] // 2)
+    round_memory.check_memory_fits(eng, available=growth - est["round_temp"] // 2)
   with pytest.raises(ConfigError, match=r"--client_group_size=1 alone is not enough"):
-    resources.check_memory_fits(eng, available=1)
-  monkeypatch.setattr(resources, "available_memory_bytes", lambda: 1)
+    round_memory.check_memory_fits(eng, available=1)
+  monkeypatch.setattr(host_memory, "available_memory_bytes", lambda: 1)
   with pytest.raises(ConfigError, match="--client_group_size"):
-    resources.check_memory_fits(eng)
+    round_memory.check_memory_fits(eng)
 
 
 def test_available_memory_and_rss_are_sane():
   import os
-  from federated import resources
-  assert 0 < resources.available_memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  assert 0 < resources.process_rss_bytes() <= resources.peak_rss_bytes() * 1.01
+  from fellrec_jax import host_memory
+  assert 0 < host_memory.available_memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  assert 0 < host_memory.process_rss_bytes() <= host_memory.peak_rss_bytes() * 1.01
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")

@@ -12,7 +12,7 @@ import pytest
 import models
 from federated import client, resources
 from fellrec_jax.config import RunConfig
-from models.loading import hf_config
+from models.hf_checkpoint import hf_config
 
 LLAMA_7B_DIR = pathlib.Path(__file__).parent / "fixtures" / "llama-7b"
 LORA = models.LoraConfig(rank=8, alpha=16, dropout=0.05, targets=("q", "v"))

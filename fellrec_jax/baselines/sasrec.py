@@ -1,21 +1,4 @@
-"""Conventional reference recommenders: most-popular, item-kNN and SASRec (full-softmax cross-entropy).
-
-They are the quality bar of DESIGN.md §6: every comparison reports them on the same split, users and
-masking as the LLM evaluation. Each baseline is fitted on the users' training sequences
-(`split.train[u]`) and turned into a `ScoreFn(users [U], histories) -> scores [U, I]` (higher is
-better); `federated.evaluation.score_baseline` ranks those scores with the evaluation's own exclusions
-and metrics, and `eval_histories` gives the histories it passes.
-
-Histories (oldest first): for "valid" the user's training sequence, for "test" the training sequence
-followed by their validation targets (what a sequential model would have seen before the test item).
-
-item-kNN (item-based CF, Sarwar et al. 2001): cosine similarity between the items' binary user columns
-of the training matrix; a user's score for a candidate item j is the sum of sim(j, i) over the distinct
-history items i among j's k most similar items. (Keeping each history item's k neighbours instead
-scored lower on ml-latest-small: test ndcg@10 0.031 against 0.037.) k is tuned by validation ndcg@10
-over `KNN_KS`.
-
-SASRec (Kang & McAuley 2018), as their released code: item embeddings (id 0 = padding, so item i is
+"""SASRec (Kang & McAuley 2018), as their released code: item embeddings (id 0 = padding, so item i is
 row i + 1) scaled by sqrt(d) plus learned positions, dropout, then blocks of
   x = LN(x); x = x + Attn(q=x, kv=x_before_LN) (causal, padding keys masked, dropout on the weights);
   x = LN(x); x = x + FFN(x) (d -> d ReLU -> d, dropout);  x *= not-padding
@@ -25,8 +8,7 @@ non-padding position of every training chunk (each user's training sequence cut 
 `max_len + 1`-item chunks, so all transitions are used), Adam (lr 3e-3, batch 128), epochs chosen by
 validation ndcg@10 with patience inside a time budget (`TrainConfig`); the best epoch's weights are kept.
 
-Memory: item-kNN holds dense `[I, I]` float32 similarities (ml-latest-small: 53 MB), SASRec's logits
-are `[B, T, I]` per step (B=128, T=50, I=3,650: 93 MB).
+Memory: the logits are `[B, T, I]` per step (B=128, T=50, I=3,650: 93 MB).
 """
 
 from __future__ import annotations
@@ -34,139 +16,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fellrec_jax import metrics
+from fellrec_jax.baselines.scoring import TUNE_K, Fitted, ScoreFn, split_ndcg
 from fellrec_jax.data import pipeline
 from fellrec_jax.data.preprocess import Split
 
-NAMES = ("most_popular", "item_knn", "sasrec")
-KNN_KS = (10, 20, 50, 100, 200, None)  # None: every item's full similarity row
-TUNE_K = 10  # validation ndcg@TUNE_K chooses item-kNN's k and SASRec's epoch
-
-ScoreFn = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
 Params = dict[str, Any]
 
-
-@dataclasses.dataclass(frozen=True)
-class Fitted:
-  """A fitted baseline: `score(users [U], histories) -> [U, I]` float32 and facts about the fit (chosen
-  k, epochs, validation ndcg, seconds)."""
-
-  score: ScoreFn
-  info: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- histories and tuning
-
-def eval_histories(split: Split, users: Sequence[int], part: str) -> list[np.ndarray]:
-  """Per user (oldest first): `train[u]` for "valid"; `train[u] ++ valid_targets[u]` for "test"."""
-  if part not in ("valid", "test"):
-    raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
-  if part == "valid":
-    return [np.asarray(split.train[u], np.int32) for u in users]
-  return [np.concatenate([split.train[u], split.valid_targets[u]]).astype(np.int32) for u in users]
-
-
-def _excluded(split: Split, u: int, part: str) -> np.ndarray:
-  """As `federated.evaluation.excluded_items`: eval history ∪ train (∪ valid targets for "test")."""
-  hist = split.valid_history[u] if part == "valid" else split.test_history[u]
-  parts = [hist, split.train[u]] + ([split.valid_targets[u]] if part == "test" else [])
-  return np.unique(np.concatenate([np.asarray(p, np.int64) for p in parts]))
-
-
-def split_ndcg(split: Split, num_items: int, score: ScoreFn, part: str = "valid", *, k: int = TUNE_K,
-               batch_size: int = 512) -> float:
-  """Mean ndcg@k of `score` over every user with a `part` target (full ranking, the evaluation's
-  exclusions), used to tune the baselines on "valid"."""
-  targets = split.valid_targets if part == "valid" else split.test_targets
-  users = np.asarray([u for u in range(split.num_users) if len(targets[u])], np.int64)
-  values = []
-  for s in range(0, len(users), batch_size):
-    batch = users[s:s + batch_size]
-    exclude_ui = metrics.exclusion_mask([_excluded(split, u, part) for u in batch], num_items)
-    ranked, _ = metrics.top_k(score(batch, eval_histories(split, batch, part)), exclude_ui, min(k, num_items))
-    values.append(metrics.user_metrics(np.asarray(ranked), [targets[u] for u in batch], (k,))[f"ndcg@{k}"])
-  return float(np.concatenate(values).mean()) if values else 0.0
-
-
-# ----------------------------------------------------------------------------- most popular
-
-def most_popular(train_seqs: Sequence[np.ndarray], num_items: int) -> ScoreFn:
-  """Every user scores items by their training interaction counts (`metrics.popularity`)."""
-  pop_i = metrics.popularity(train_seqs, num_items)
-  return lambda users, histories: np.broadcast_to(pop_i, (len(users), num_items))
-
-
-# ----------------------------------------------------------------------------- item-kNN
-
-def binary_matrix(seqs: Sequence[np.ndarray], num_items: int) -> np.ndarray:
-  """`[U, I]` float32, 1 where the user's sequence holds the item (repeats count once)."""
-  return metrics.exclusion_mask(seqs, num_items).astype(np.float32)
-
-
-def cosine_similarity(train_seqs: Sequence[np.ndarray], num_items: int) -> np.ndarray:
-  """`[I, I]` float32 cosine similarity of the items' binary user columns, |U_i ∩ U_j| / sqrt(|U_i| |U_j|),
-  with a zero diagonal (an item is not its own neighbour) and zero rows for unseen items."""
-  x_ui = binary_matrix(train_seqs, num_items)
-  co_ii = x_ui.T @ x_ui
-  norm_i = np.sqrt(np.diag(co_ii))
-  inv_i = np.divide(1.0, norm_i, out=np.zeros_like(norm_i), where=norm_i > 0)
-  sim_ii = co_ii * inv_i[:, None] * inv_i[None, :]
-  np.fill_diagonal(sim_ii, 0.0)
-  return sim_ii.astype(np.float32)
-
-
-def neighbour_order(sim_ii: np.ndarray) -> np.ndarray:
-  """`[I, I]` each row's columns by decreasing similarity (ties: lower id first)."""
-  return np.argsort(-sim_ii, axis=1, kind="stable")
-
-
-def top_k_neighbours(sim_ii: np.ndarray, k: int | None, order_ii: np.ndarray | None = None) -> np.ndarray:
-  """`[I, I]` similarities with only each row's k largest kept (row j: candidate j's neighbours);
-  k=None keeps all."""
-  if k is None or k >= sim_ii.shape[1]:
-    return sim_ii
-  order_ii = neighbour_order(sim_ii) if order_ii is None else order_ii
-  keep_ik = order_ii[:, :k]
-  out = np.zeros_like(sim_ii)
-  np.put_along_axis(out, keep_ik, np.take_along_axis(sim_ii, keep_ik, axis=1), axis=1)
-  return out
-
-
-def knn_scorer(sim_k_ii: np.ndarray) -> ScoreFn:
-  """score(u, j) = sum over the distinct items i of u's history of sim_k[j, i] (row j: candidate j's
-  kept neighbours)."""
-  num_items = sim_k_ii.shape[0]
-  weight_ij = np.ascontiguousarray(sim_k_ii.T)  # history item i's weight for candidate j
-  return lambda users, histories: binary_matrix(histories, num_items) @ weight_ij
-
-
-def item_knn_scores(train_seqs: Sequence[np.ndarray], num_items: int, *, k: int | None) -> ScoreFn:
-  """Item-kNN with a fixed k (None: all neighbours); see `knn_scorer`."""
-  return knn_scorer(top_k_neighbours(cosine_similarity(train_seqs, num_items), k))
-
-
-def fit_item_knn(split: Split, num_items: int, *, ks: Sequence[int | None] = KNN_KS) -> Fitted:
-  """Item-kNN with k chosen by validation ndcg@10 (the first best on ties). info: k, valid_ndcg@10 per
-  k, seconds."""
-  start = time.perf_counter()
-  sim_ii = cosine_similarity(split.train, num_items)
-  order_ii = neighbour_order(sim_ii)
-  scores = {k: split_ndcg(split, num_items, knn_scorer(top_k_neighbours(sim_ii, k, order_ii))) for k in ks}
-  best = max(ks, key=lambda k: scores[k])  # max keeps the first of equal values
-  info = {"k": "all" if best is None else best,
-          f"valid_ndcg@{TUNE_K}": {("all" if k is None else str(k)): v for k, v in scores.items()},
-          "seconds": time.perf_counter() - start}
-  return Fitted(knn_scorer(top_k_neighbours(sim_ii, best, order_ii)), info)
-
-
-# ----------------------------------------------------------------------------- SASRec model
 
 @dataclasses.dataclass(frozen=True)
 class SASRecConfig:
@@ -394,31 +256,3 @@ def train_sasrec(split: Split, num_items: int, *, seed: int = 0, model: SASRecCo
   info = {"epochs": epoch, "best_epoch": best[1], f"valid_ndcg@{TUNE_K}": best[0], "chunks": n,
           "seconds": time.perf_counter() - start, "stopped": stopped}
   return Fitted(sasrec_scorer(cfg, best[2]), info)
-
-
-# ----------------------------------------------------------------------------- all together
-
-def fit_baselines(split: Split, num_items: int, names: Sequence[str] = NAMES, *, seed: int = 0,
-                  knn_ks: Sequence[int | None] = KNN_KS, sasrec_model: SASRecConfig | None = None,
-                  sasrec_train: TrainConfig = TrainConfig(), log: Callable[[str], None] | None = None
-                  ) -> dict[str, Fitted]:
-  """Fits the named baselines (a subset of `NAMES`, in that order) on `split.train`."""
-  unknown = set(names) - set(NAMES)
-  if unknown:
-    raise ValueError(f"unknown baselines {sorted(unknown)} (expected some of {NAMES})")
-  out: dict[str, Fitted] = {}
-  for name in (n for n in NAMES if n in names):
-    if name == "most_popular":
-      out[name] = Fitted(most_popular(split.train, num_items), {})
-    elif name == "item_knn":
-      out[name] = fit_item_knn(split, num_items, ks=knn_ks)
-    else:
-      out[name] = train_sasrec(split, num_items, seed=seed, model=sasrec_model, train=sasrec_train, log=log)
-    if log:
-      log(f"{name}: {_brief(out[name].info)}")
-  return out
-
-
-def _brief(info: Mapping[str, Any]) -> str:
-  return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()
-                   if not isinstance(v, dict))

@@ -1,0 +1,1 @@
+"""The pieces of `python -m launch.benchmark`: measurement helpers, fixtures, one module per section."""

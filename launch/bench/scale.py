@@ -1,0 +1,120 @@
+"""Section scale: the most clients per round that fit this machine (SmolLM2-135M adapters + AdamW, run
+g at a time), fitted from XLA's memory analysis of the compiled grouped round."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import flags, logging
+
+from fellrec_jax import host_memory
+from fellrec_jax.xla_stats import ProgramMemory
+from launch.bench.fixtures import make_model, make_round
+from launch.bench.measure import Table, block, free_memory_bytes
+
+FLAGS = flags.FLAGS  # read at call time: `launch.benchmark` defines the flags
+
+
+def abstract_round(config, base, num_clients: int, steps: int, batch: int, seq_len: int, tx):
+  """ShapeDtypeStructs of a round's arguments: compile for any C without allocating the state."""
+  import jax
+  import jax.numpy as jnp
+  import models
+  lora_one = jax.eval_shape(lambda: models.init_lora(config, base, jax.random.key(0)))
+  stack = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_clients, *x.shape), x.dtype), tree)
+  lora = stack(lora_one)
+  opt = stack(jax.eval_shape(tx.init, lora_one))
+  shape = (num_clients, steps, 1, batch)
+  batches = {"input_ids": jax.ShapeDtypeStruct((*shape, seq_len), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((*shape, seq_len), jnp.int32),
+             "target_index": jax.ShapeDtypeStruct((*shape, seq_len - 1), jnp.int32),  # as make_round: R = T-1
+             "target_mask": jax.ShapeDtypeStruct((*shape, seq_len - 1), jnp.int32),
+             "example_mask": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_clients))
+  base_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+  return base_abs, lora, opt, batches, keys
+
+
+def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2-135m", confirm: bool = True,
+                  check_run: bool = True) -> dict:
+  """Largest clients-per-round with SmolLM2-135M adapters (r=8 q,v) + AdamW, clients run g at a time.
+
+  Memory is linear in C (per-client state, data and outputs) plus a fixed part (base weights, one
+  group's activations): fit it from XLA's memory analysis at two sizes, solve for the budget, then
+  confirm by compiling at that C (`confirm`). `run_round` runs one round at that C; otherwise `check_run`
+  runs one group-sized round to show the program executes. The headline round donates the adapter and
+  optimizer buffers, so the grouped loop updates the state in place; "engine" donates the optimizer
+  state only (the engine keeps each round's starting adapters as the anchor), "undonated" nothing.
+  """
+  import jax
+  import optax
+  from federated import client, resources
+  g = FLAGS.scale_group_size
+  steps, batch, seq_len = 1, 1, 16
+  config, base = make_model(model, "bfloat16" if gpu else "float32")
+  tx = optax.adamw(1e-3)
+  update = client.over_clients(client.make_local_update(client.LocalSpec(config), tx), "vmap", group_size=g)
+  budget = int(free_memory_bytes() * FLAGS.memory_fraction)
+  table = Table(f"scale: {model}, r=8 q,v + AdamW, groups of {g}, S={steps} B={batch} T={seq_len}",
+                ["C", "donation", "peak GB", "budget GB", "fits", "compile s"])
+  donations = {"donated": (1, 2), "engine": (2,), "undonated": ()}
+
+  def memory(c: int, donate: str) -> dict:
+    start = time.perf_counter()
+    jitted = jax.jit(update, donate_argnums=donations[donate])
+    mem = ProgramMemory.of(jitted.lower(*abstract_round(config, base, c, steps, batch, seq_len, tx)).compile()).as_dict()
+    table.add(c, donate, mem["peak_bytes"] / 1e9, budget / 1e9, mem["peak_bytes"] <= budget,
+              time.perf_counter() - start)
+    return mem
+
+  one = abstract_round(config, base, 1, steps, batch, seq_len, tx)
+  state_per_client = resources.nbytes(one[1]) + resources.nbytes(one[2])
+  data_per_client = resources.nbytes(one[3])
+  result = {"model": model, "group_size": g, "shape": {"S": steps, "A": 1, "B": batch, "T": seq_len}, "budget_bytes": budget,
+            "base_bytes": resources.nbytes(base), "adapter_bytes_per_client": resources.nbytes(one[1]),
+            "optimizer_bytes_per_client": resources.nbytes(one[2]), "state_bytes_per_client": state_per_client,
+            "data_bytes_per_client": data_per_client}
+  for donate in ("donated",) if (quick or gpu) else tuple(donations):
+    lo, hi = 4 * g, 16 * g
+    m_lo, m_hi = memory(lo, donate), memory(hi, donate)
+    per_client = (m_hi["peak_bytes"] - m_lo["peak_bytes"]) / (hi - lo)
+    fixed = m_lo["peak_bytes"] - per_client * lo
+    best = int((budget - fixed) // per_client) // g * g
+    confirmed = memory(best, donate) if confirm else None
+    while confirm and confirmed["peak_bytes"] > budget and best > g:  # the linear fit was optimistic: step down
+      best -= g
+      confirmed = memory(best, donate)
+    result[donate] = {"max_clients": best, "measured_bytes_per_client": per_client, "fixed_bytes": fixed,
+                   "at_max": confirmed}
+  result["max_clients"] = result["donated"]["max_clients"]
+  # What the whole machine would hold (the budget above is what is free now, with other processes running).
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if jax.default_backend() == "cpu" else budget
+  fit = result["donated"]
+  result["max_clients_if_machine_free"] = int((total * FLAGS.memory_fraction - fit["fixed_bytes"])
+                                              // fit["measured_bytes_per_client"]) // g * g
+  result["machine_memory_bytes"] = total
+  result["bytes_per_client"] = result["donated"]["measured_bytes_per_client"]
+  result["measured"] = ("XLA memory_analysis of the compiled grouped round (peak = arguments + outputs + "
+                        "temporaries - aliased) at several C; the round is " +
+                        ("also run once at max_clients" if run_round else "not run at max_clients (too slow "
+                         "here); one group-sized round is run to check the program executes"))
+  if run_round or check_run:
+    result["round"] = run_scale_round(config, base, update, result["max_clients"] if run_round else g, steps,
+                                      batch, seq_len, tx)
+  return result
+
+
+def run_scale_round(config, base, update, num_clients: int, steps: int, batch: int, seq_len: int, tx) -> dict:
+  """Runs one grouped round at `num_clients` (donated state) and reports time and peak RSS."""
+  import jax
+  logging.info("scale: running one round with %d clients", num_clients)
+  rnd = make_round(config, base, num_clients, steps, batch, seq_len)
+  rnd.tx = tx
+  run = jax.jit(update, donate_argnums=(1, 2))
+  start = time.perf_counter()
+  out = block(run(*rnd.args()))
+  seconds = time.perf_counter() - start
+  finite = bool(jax.numpy.all(jax.numpy.isfinite(out[2]["loss"])))
+  return {"clients": num_clients, "seconds_including_compile": seconds, "loss_finite": finite,
+          "process_peak_rss_bytes": host_memory.peak_rss_bytes()}
