@@ -1,7 +1,7 @@
 """Conventional reference recommenders: most-popular (here), item-kNN and SASRec
 (full-softmax cross-entropy), fitted together by `fit_baselines`.
 
-They are the quality bar of DESIGN.md §6: every comparison reports them on the same split, users and
+They are the quality bar: every comparison reports them on the same split, users and
 masking as the LLM evaluation. Each baseline is fitted on the users' training sequences
 (`split.train[u]`) and turned into a `ScoreFn(users [U], histories) -> scores [U, I]` (higher is
 better); `federated.evaluation.score_baseline` ranks those scores with the evaluation's own exclusions
