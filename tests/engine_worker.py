@@ -24,14 +24,18 @@ def make_config(workdir: str, **overrides):
   return RunConfig(**(fields | overrides))
 
 
-def run(cfg, strategy: str = "fellrec", stop_after: int | None = None):
-  """`(state, history, engine)` of `strategy`; `stop_after=r` raises after round r, like a killed job."""
+def run(cfg, strategy: str = "fellrec", stop_after: int | None = None, before=None):
+  """`(state, history, engine)` of `strategy`; `stop_after=r` raises after round r, like a killed job;
+  `before(engine, prep, model)` is called once the engine is built, before the first round (tests use it
+  to record what the loop hands the engine, or to script its validation)."""
   from fellrec_jax.data import prepare_dataset
   from federated import engine, experiment
   prep, _ = prepare_dataset("synthetic", num_clients=cfg.num_clients, partition=cfg.partition, seed=cfg.seed,
                             synthetic_kwargs=SYNTHETIC)
   model = experiment.load_model(cfg, list(prep.titles))
   eng = experiment.build_engine(cfg, strategy, prep, model)
+  if before is not None:
+    before(eng, prep, model)
 
   def on_round(log):
     if stop_after is not None and log["round"] == stop_after:
