@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import models
-from federated import attack, client, experiment
+from federated import attack, client, experiment, losses
 from fellrec_jax.data import pipeline
 from fellrec_jax.config import RunConfig
 
@@ -141,7 +141,7 @@ def label_recovery_from_loss_inputs(cfg, base, lora, ids, mask, spans, truth=Non
 
   def spy(outputs, b, items_id):
     seen.append(jax.tree.map(np.asarray, b))
-    return client.generative_loss(outputs, b, items_id)
+    return losses.generative_loss(outputs, b, items_id)
 
   client.split_value_and_grad(client.LocalSpec(cfg, split_k=1), base, lora, batch, None, loss_fn=spy)
   assert len(seen) == 1

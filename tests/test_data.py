@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fellrec_jax.data import examples, pipeline, preprocess, prepare_dataset, sources, tokenization
+from fellrec_jax.data.sources import synthetic_data
 
 ML = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 needs_ml = pytest.mark.skipif(not (ML / "ratings.csv").exists(), reason=f"ml-latest-small not found at {ML}")
@@ -343,13 +344,13 @@ def _synthetic_taste_groups(ds, *, num_users=200, num_items=120, num_groups=5, n
   genres, each group's liked genres and cycle, then the users' groups). The replay is checked against
   the generated item genres, so a change of the generator fails here instead of scoring wrong groups."""
   rng = np.random.default_rng(seed)
-  rng.permutation(len(sources._ADJECTIVES) * len(sources._NOUNS))
+  rng.permutation(len(synthetic_data._ADJECTIVES) * len(synthetic_data._NOUNS))
   cat = rng.integers(num_categories, size=num_items)
   for _ in range(num_groups):
     liked = np.isin(cat, rng.choice(num_categories, size=2, replace=False))
     rng.permutation(np.flatnonzero(liked))
   group = rng.integers(num_groups, size=num_users)
-  assert [sources._GENRES[cat[int(k[1:])]] for k in ds.item_keys] == list(ds.categories)
+  assert [synthetic_data._GENRES[cat[int(k[1:])]] for k in ds.item_keys] == list(ds.categories)
   return np.asarray([group[int(k[1:])] for k in ds.user_keys])
 
 
