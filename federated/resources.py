@@ -42,12 +42,12 @@ import jax.numpy as jnp
 import optax
 
 import models
+from fellrec_jax.host_memory import MIB
 from fellrec_jax.xla_stats import ProgramMemory, xla_cost
 from models.config import ModelConfig
 from models.transformer import Params
 
 PyTree = Any
-MIB = 2 ** 20
 
 
 # ----------------------------------------------------------------------------- shapes and counts

@@ -11,11 +11,11 @@ from absl import logging
 
 from federated.resources import nbytes
 from fellrec_jax import host_memory
+from fellrec_jax.host_memory import GIB
 from fellrec_jax.config import ConfigError
 from fellrec_jax.xla_stats import ProgramMemory
 
 PyTree = Any
-GIB = 2 ** 30
 
 
 def _spec(x, sharding=None) -> jax.ShapeDtypeStruct:
@@ -136,7 +136,7 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
   round_batches = nbytes(_host_round_batches(engine))
   worst = max(programs, key=lambda p: p.transient_bytes)
   device_limit = host_memory.device_limit_bytes(engine.mesh.devices.flat[0])
-  device_peak = max(p.argument_bytes + p.transient_bytes for p in programs + ([heldout] if heldout else []))
+  device_peak = max(p.peak_bytes for p in programs + ([heldout] if heldout else []))
   terms = {
       "resident": host_memory.process_rss_bytes(),
       "state": state_bytes if own_state else 0,

@@ -29,8 +29,9 @@ def options(annotation) -> tuple[str, ...] | None:
   if typing.get_origin(annotation) is Literal:
     return typing.get_args(annotation)
   if typing.get_origin(annotation) in (typing.Union, types.UnionType, tuple):
-    found = [o for a in typing.get_args(annotation) if a not in (type(None), Ellipsis) for o in [options(a)] if o]
-    return found[0] if found else None
+    for arg in typing.get_args(annotation):  # None and the `...` of tuple[X, ...] have no options
+      if allowed := options(arg):
+        return allowed
   return None
 
 

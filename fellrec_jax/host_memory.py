@@ -8,6 +8,8 @@ import resource
 import sys
 from typing import TYPE_CHECKING
 
+MIB, GIB = 2 ** 20, 2 ** 30
+
 if TYPE_CHECKING:
   import jax
 
@@ -89,5 +91,7 @@ def device_limit_bytes(device: jax.Device) -> int | None:
 
 def device_free_bytes(device: jax.Device) -> int | None:
   """Bytes `device` can still allocate (its limit less what is in use); None as `device_limit_bytes`."""
-  limit = device_limit_bytes(device)
-  return None if limit is None else int(limit - (device.memory_stats() or {}).get("bytes_in_use", 0))
+  if device.platform == "cpu":
+    return None
+  stats = device.memory_stats() or {}
+  return None if "bytes_limit" not in stats else int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 
 from launch.bench import (aggregation, client_execution, cpu_round, loss_positions, machine, original_design, scale,
                           summary)
-from launch.bench.measure import GIB
+from fellrec_jax.host_memory import GIB
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small sizes only (about a minute on 2 CPU cores).")

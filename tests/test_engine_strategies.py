@@ -108,16 +108,17 @@ def test_local_clients_learn_and_never_exchange_parameters(local_run):
 def test_private_tail_keeps_the_tail_adapters_unmixed(tmp_path, local_run):
   """FELLRec with --fellrec_private_tail for one round: the last (client-tail) block's adapters equal the
   local (never-mixed) run's, which trained identically; the other blocks were mixed, so they differ."""
-  local, _, eng_local, _ = local_run
+  local = local_run[0]
   state, history, eng, extra = _run(tmp_path, "tail", "fellrec", rounds=1, fellrec_private_tail=True)
   _learns(eng, history, extra)
   last = eng.model_config.num_layers - 1
   got, ref = _host(state.lora)["blocks"], _host(local.lora)["blocks"]
   tail = lambda t: jax.tree.map(lambda x: x[:, last:], t)
   shared = lambda t: jax.tree.map(lambda x: x[:, :last], t)
-  update = _norm(_sub(ref, _host(extra["init_lora"])["blocks"]))
+  delta = _sub(ref, _host(extra["init_lora"])["blocks"])
+  update = _norm(delta)
   # the same program on the same data and keys: equal up to fp32 (1% of the round's update, see above)
-  assert _norm(_sub(tail(got), tail(ref))) < 1e-2 * _norm(tail(_sub(ref, _host(extra["init_lora"])["blocks"])))
+  assert _norm(_sub(tail(got), tail(ref))) < 1e-2 * _norm(tail(delta))
   # mixing with similarity weights in [0, 1] moves the shared blocks by O(the clients' differences)
   assert _norm(_sub(shared(got), shared(ref))) > 0.1 * update
 
@@ -125,9 +126,9 @@ def test_private_tail_keeps_the_tail_adapters_unmixed(tmp_path, local_run):
 def test_fedprox_learns_and_a_huge_mu_stays_at_the_anchor(tmp_path):
   state, history, eng, extra = _run(tmp_path, "prox", "fedprox", rounds=1)
   _learns(eng, history, extra)
-  moved = _norm(jax.tree.map(np.subtract, _host(state.lora), extra["init_lora"]))
+  moved = _norm(_sub(_host(state.lora), extra["init_lora"]))
   pinned, _, _, extra_pinned = _run(tmp_path, "prox_pinned", "fedprox", rounds=1, fedprox_mu=1e6)
-  stayed = _norm(jax.tree.map(np.subtract, _host(pinned.lora), extra_pinned["init_lora"]))
+  stayed = _norm(_sub(_host(pinned.lora), extra_pinned["init_lora"]))
   # mu = 1e6: one Adam step away from the anchor makes the proximal gradient dominate the loss's, so each
   # entry oscillates within ~lr of the anchor, while mu = 0.01 lets 13 steps of ~lr accumulate
   assert stayed < 0.5 * moved, (stayed, moved)
@@ -230,10 +231,10 @@ def test_fellrec_update_similarity_personalises_where_fedavg_does_not(tmp_path, 
   fedavg = _host(noniid_fedavg[0].lora)
   for c in range(1, noniid_fedavg[2].num_clients):
     assert _max_diff(_client(fedavg, c), _client(fedavg, 0)) == 0.0
-  state, history, eng, _ = _run(tmp_path, "fellrec", "fellrec", rounds=1, partition="kmeans",
-                                fellrec_similarity="update")
+  state, history, eng, extra = _run(tmp_path, "fellrec", "fellrec", rounds=1, partition="kmeans",
+                                    fellrec_similarity="update")
   lora = _host(state.lora)
-  scale = _norm(jax.tree.map(np.subtract, lora, _host(eng.init_state(jax.random.key(eng.cfg.seed)).lora)))
+  scale = _norm(_sub(lora, extra["init_lora"]))
   for i in range(eng.num_clients):
     for j in range(i):
       # identical would be 0 (as FedAvg); fp32 noise is ~1e-7 of the update. 1e-3 of the whole update's norm

@@ -7,7 +7,8 @@ import functools
 import math
 
 from launch.bench.fixtures import adapter_shapes, synthetic_stack
-from launch.bench.measure import GIB, Table, free_memory_bytes, median_seconds
+from fellrec_jax.host_memory import GIB
+from launch.bench.measure import Table, free_memory_bytes, median_seconds
 
 
 def aggregation_section(quick: bool, repeats: int, bandwidth: float, peak_flops: float,
@@ -43,7 +44,7 @@ def aggregation_section(quick: bool, repeats: int, bandwidth: float, peak_flops:
       if 3.2 * stack_bytes > 0.9 * budget:  # input + output + a stack-sized temporary, with headroom
         entry |= {"seconds": None, "skipped": f"needs ~{3.2 * stack_bytes / GIB:.1f} GiB, "
                                               f"{budget / GIB:.1f} GiB available"}
-        table.add(model, c, "skipped", stack_bytes / 1e9, "", "", entry["skipped"])
+        table.add(model, c, "skipped", stack_bytes / 1e9, "", "", entry["skipped"], "", "")
         results.append(entry)
         continue
       stacked = synthetic_stack(shapes, c)

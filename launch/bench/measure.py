@@ -10,8 +10,6 @@ from typing import Any, Callable
 
 from fellrec_jax import host_memory
 
-GIB = 1024 ** 3
-
 
 def block(tree):
   import jax
