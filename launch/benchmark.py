@@ -8,10 +8,12 @@ Sections (each prints a table row per measurement and lands in the JSON under it
   aggregation       jitted `fellrec_aggregate` time vs a roofline (bandwidth and compute)
   scale             most simulated clients per round that fit this machine (SmolLM2-135M adapters + AdamW)
   original_design   the released code's pattern (clients one by one, base reloaded per client) vs ours
+  pytorch_peer      one federated round (local AdamW steps + FELLRec aggregation) vs plain PyTorch + PEFT
 
 Everything uses synthetic token batches and randomly initialised weights of the real shapes (timings
 do not depend on the values), except the original-design section, which reloads weights from disk as
-the released code does. Timings are medians over `--repeats` calls after one warm-up (compile) call.
+the released code does. Timings are medians over `--repeats` calls after one warm-up (compile) call; the
+pytorch_peer section alternates its two sides' calls. It needs torch and peft, and is skipped without them.
 The sections and their helpers live in `launch.bench`; this module parses the flags, runs them and writes the JSON.
 """
 
@@ -23,8 +25,8 @@ import time
 
 from absl import app, flags, logging
 
-from launch.bench import (aggregation, client_execution, cpu_round, loss_positions, machine, original_design, scale,
-                          summary)
+from launch.bench import (aggregation, client_execution, cpu_round, loss_positions, machine, original_design,
+                          pytorch_peer, scale, summary)
 from fellrec_jax.host_memory import GIB
 
 FLAGS = flags.FLAGS
@@ -32,7 +34,7 @@ flags.DEFINE_bool("quick", False, "Small sizes only (about a minute on 2 CPU cor
 flags.DEFINE_bool("gpu", False, "GPU figures: bf16 SmolLM2 with C*B >= 64, published chip peak for MFU.")
 flags.DEFINE_string("out", "benchmark.json", "Where the JSON results go.")
 flags.DEFINE_list("sections", ["client_execution", "mfu", "loss_positions", "cpu_round", "aggregation", "scale",
-                                "original_design"],
+                                "original_design", "pytorch_peer"],
                   "Sections to run.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported), after one warm-up call.")
 flags.DEFINE_integer("exec_clients", 16, "Clients per round for the client-execution section (tiny-llama).")
@@ -71,6 +73,8 @@ def run(quick: bool, gpu: bool, sections: list[str], repeats: int) -> dict:
     out["scale"] = scale.scale_section(quick, gpu, run_round, check_run=not quick)  # quick: compile-only
   if "original_design" in sections:
     out["original_design"] = original_design.original_design_section(quick, repeats)
+  if "pytorch_peer" in sections:
+    out["pytorch_peer"] = pytorch_peer.pytorch_peer_section(quick, repeats)
   out["seconds"] = time.perf_counter() - start
   return out
 

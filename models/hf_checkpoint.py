@@ -55,6 +55,24 @@ def load_hf_dir(path: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Mo
   return config, params, tokenizer
 
 
+def decoder_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+  """Our decoder's params as a transformers `*ForCausalLM` state dict (torch `[out, in]` matrices, one tensor
+  per block): the inverse of `load_hf_dir`'s assembly, for handing our weights to PyTorch. A tied model's
+  `lm_head.weight` is its token table, as transformers' own state dict lists it."""
+  if config.arch != "llama":
+    raise ValueError(f"decoder_state_dict needs a decoder, got arch={config.arch!r}")
+  state = {}
+  for key, (path, layer) in _decoder_keys(config).items():
+    leaf = params
+    for part in path:
+      leaf = leaf[part]
+    array = np.asarray(leaf if layer is None else leaf[layer])
+    state[key] = array.T if path[-1] == "w_io" else array
+  if config.tie_embeddings:
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+  return state
+
+
 def hf_config(raw: dict, *, dtype: str = "float32") -> ModelConfig:
   """ModelConfig from a config.json dict (transformers 4 or 5 field names)."""
   model_type = raw.get("model_type")

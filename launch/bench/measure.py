@@ -28,6 +28,20 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tupl
   return statistics.median(times), times
 
 
+def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Wall times of each `fn()` (results blocked on), the functions called in turn (A B A B ...) `repeats`
+  times after one warm-up call each: load that drifts during the measurement hits every side alike."""
+  for fn in fns.values():
+    block(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      block(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
 def free_memory_bytes() -> int:
   """What the benchmark may still allocate: an accelerator's free memory, else the host's available memory."""
   import jax

@@ -26,4 +26,9 @@ def summary(out: dict) -> None:
           f"{out['scale']['bytes_per_client'] / 1e6:.1f} MB per client")
   for entry in out.get("original_design", []):
     print(f"original design / ours ({entry['model']}, C={entry['C']}): {entry['ratio']:.1f}x")
+  peer = out.get("pytorch_peer")
+  if peer:
+    targets = {"tiny": 3.0, "smollm2": 1.2}
+    print("ours vs PyTorch+PEFT: " + (f"skipped ({peer['skipped']})" if "skipped" in peer else ", ".join(
+        f"{r['workload']} {r['ratio']:.2f}x (target >= {targets[r['workload']]:g}x)" for r in peer["runs"])))
   print(f"total {out['seconds']:.0f} s")
