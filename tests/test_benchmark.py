@@ -10,7 +10,7 @@ from absl import flags
 
 from launch import benchmark  # noqa: F401 (defines the flags the sections read)
 from launch.bench import (aggregation, client_execution, cpu_round, fixtures, loss_positions, measure, original_design,
-                          scale, summary)
+                          pytorch_peer, scale, summary)
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,91 @@ def test_sections_smoke_and_json_keys(tmp_path):
   od = data["original_design"][0]
   assert od["ratio"] == pytest.approx(od["original_seconds"] / od["ours_seconds"])
   assert all(np.isfinite(od[k]) and od[k] > 0 for k in ("original_seconds", "ours_seconds"))
+
+
+@pytest.mark.parametrize("beta,round_index", [(1.0, 0), (0.5, 2)], ids=["released-defaults", "warm-weights"])
+def test_torch_fellrec_aggregation_equals_ours(beta, round_index):
+  """The peer's torch transcription of FELLRec against `fellrec_aggregate`, with the warm weight off (beta=1,
+  the released gate) and on."""
+  torch = pytest.importorskip("torch")
+  from federated import strategies
+  rng = np.random.default_rng(0)
+  c = 5
+  stacked = {"blocks": {t: {"a_ir": rng.standard_normal((c, 2, 6, 3)).astype(np.float32),
+                            "b_ro": rng.standard_normal((c, 2, 3, 4)).astype(np.float32)} for t in ("q", "v")}}
+  losses = rng.uniform(0.5, 2.0, c).astype(np.float32)
+  want = strategies.fellrec_aggregate(stacked, losses, round_index, alpha=0.7, beta=beta)
+  got = pytorch_peer.torch_fellrec_aggregate([torch.from_numpy(x) for x in jax.tree.leaves(stacked)],
+                                             torch.from_numpy(losses), round_index, alpha=0.7, beta=beta)
+  for w, g, x in zip(jax.tree.leaves(want), got, jax.tree.leaves(stacked)):
+    np.testing.assert_allclose(g.numpy(), np.asarray(w), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(w) - x).max() > 0.1  # the clients were mixed, not passed through
+
+
+def _small_round(steps=1, dropout=0.05):
+  """A 2-block d=32 Llama (vocab 64) with r=8 q,v adapters; 2 clients of `steps` steps of 2 x 16 tokens."""
+  import models
+  config = models.tiny_llama(vocab_size=64, hidden_size=32, num_layers=2, head_dim=8, intermediate_size=64,
+                             lora=models.LoraConfig(rank=8, alpha=16.0, dropout=dropout, targets=("q", "v")))
+  base = models.init_params(config, jax.random.key(0))
+  return fixtures.make_round(config, base, 2, steps, 2, 16)
+
+
+def test_pytorch_peer_first_step_loss_equals_ours():
+  """Same base weights, adapters and tokens give the same first-step loss in our model and in transformers +
+  PEFT; a negative control shows the check sees the adapters (B = 0 moves the loss well past the tolerance)."""
+  pytest.importorskip("peft", reason="the PyTorch + PEFT peer needs peft (see .ci/run)")
+  import torch
+  rnd = _small_round()
+  peer = pytorch_peer.make_peer(rnd)
+  ours, theirs = pytorch_peer.check_first_losses(rnd, peer)
+  assert theirs == pytest.approx(ours, rel=pytorch_peer.LOSS_RTOL)
+  pytorch_peer.set_adapters(peer, [a[0] for a in peer.adapters])  # client 0's fresh adapters: B = 0
+  peer.model.eval()
+  with torch.no_grad():
+    without = float(pytorch_peer.peer_loss(peer.model, peer.batches[0][0]))
+  assert abs(without - ours) > 10 * pytorch_peer.LOSS_RTOL * ours
+
+
+def test_pytorch_peer_section_skips_without_peft(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+  out = pytorch_peer.pytorch_peer_section(True, 1)
+  assert set(out) == {"skipped"} and "peft" in out["skipped"]
+
+
+@pytest.mark.slow
+def test_pytorch_peer_round_equals_ours():
+  """Without dropout, one whole round (3 AdamW steps per client, then FELLRec's mix) leaves the peer's
+  adapters where ours end: the two sides time the same computation."""
+  pytest.importorskip("peft", reason="the PyTorch + PEFT peer needs peft (see .ci/run)")
+  rnd = _small_round(steps=3, dropout=0.0)
+  peer = pytorch_peer.make_peer(rnd)
+  ours, _ = pytorch_peer.ours_round(rnd, 0.7, 1.0)()
+  pytorch_peer.peer_round(peer, 0.7, 1.0)
+  want, start = pytorch_peer.peft_adapters(ours), pytorch_peer.peft_adapters(rnd.lora)
+  for name, got in zip(peer.names, peer.adapters):
+    moved = np.abs(want[name] - start[name]).max()
+    assert moved > 5e-4  # Adam moves ~lr a step: every tensor trained (A from the second step on)
+    np.testing.assert_allclose(got.numpy(), want[name], rtol=0, atol=1e-3 * moved)
+
+
+@pytest.mark.slow
+def test_pytorch_peer_section_json():
+  pytest.importorskip("peft", reason="the PyTorch + PEFT peer needs peft (see .ci/run)")
+  out = {"pytorch_peer": pytorch_peer.pytorch_peer_section(quick=True, repeats=1), "seconds": 0.0}
+  summary.summary(out)
+  data = json.loads(json.dumps(out, default=float))["pytorch_peer"]
+  assert data["method"] and [r["workload"] for r in data["runs"]] == ["tiny"]
+  run = data["runs"][0]
+  assert {"workload", "ours_seconds", "peer_seconds", "ratio", "threads", "ours_all_seconds", "peer_all_seconds",
+          "shape", "first_loss_ours", "first_loss_peer"} <= set(run)
+  assert run["ratio"] == pytest.approx(run["peer_seconds"] / run["ours_seconds"])
+  assert len(run["ours_all_seconds"]) == len(run["peer_all_seconds"]) == 1
+  assert all(0 < t < 600 for t in run["ours_all_seconds"] + run["peer_all_seconds"])
+  assert run["threads"]["torch"] == run["threads"]["xla"] >= 1
+  assert run["shape"] | {"C": 16, "T": 64, "micro_batch": 4, "steps_per_client": 2, "d": 128, "head_dim": 32} == run["shape"]
+  assert run["first_loss_peer"] == pytest.approx(run["first_loss_ours"], rel=1e-4)
 
 
 @pytest.mark.slow
