@@ -15,6 +15,7 @@ Batch layout seen by one client's local round (the clients axis C is added by vm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -222,7 +223,8 @@ def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: B
 
 def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
                       penalty: Callable[[PyTree, PyTree], jax.Array] | None = None, loss_fn=generative_loss):
-  """One client's local round: `(base, lora, opt_state, batches, rng) -> (lora, opt_state, stats)`.
+  """One client's local round: `(base, lora, opt_state, batches, rng, *, skip_empty_steps=True) -> (lora,
+  opt_state, stats)`; `vmap_clients` runs it over a clients axis.
 
   Steps whose micro-batches hold no target token (a client that ran out of data) leave the state
   untouched, and so do non-finite steps (a loss, gradient or updated adapter that is NaN or inf): the
@@ -232,7 +234,7 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   """
   value_and_grad = unsplit_value_and_grad if spec.split_k is None else split_value_and_grad
 
-  def local_update(base, lora, opt_state, batches, rng):
+  def local_update(base, lora, opt_state, batches, rng, *, skip_empty_steps=True):
     base = with_round_items(spec, base, lora)
 
     def step(carry, xs):
@@ -267,10 +269,15 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
         return lora, opt_state, {name: jnp.zeros(()) for name in
                                  ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps", "nonfinite_steps")}
 
-      # A client past the end of its data gets all-padding steps (lockstep epochs). Run one client at a
-      # time (`--client_group_size=1`) and this is a real branch that skips them; under vmap the predicate
-      # is batched and both branches run, with the same result.
-      lora, opt_state, stats = jax.lax.cond(jnp.any(step_batches["example_mask"] > 0), train, skip, None)
+      # A client past the end of its data gets all-padding steps (lockstep epochs): one client at a time
+      # (`--client_group_size=1`) skips them with a real branch. Vmapped callers pass
+      # skip_empty_steps=False: a batched predicate would run both branches anyway, after broadcasting
+      # every operand, the shared base weights included, to the clients axis (per-client weight copies
+      # and batched matmuls instead of one); `train` already leaves a client without targets untouched.
+      if skip_empty_steps:
+        lora, opt_state, stats = jax.lax.cond(jnp.any(step_batches["example_mask"] > 0), train, skip, None)
+      else:
+        lora, opt_state, stats = train(None)
       stats["examples"] = jnp.sum(step_batches["example_mask"])
       return (lora, opt_state, anchor), stats
 
@@ -291,6 +298,12 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def vmap_clients(local_update):
+  """`local_update` over a leading clients axis of everything but the base, without the per-client
+  branch that skips all-padding steps (see `make_local_update`)."""
+  return jax.vmap(functools.partial(local_update, skip_empty_steps=False), in_axes=(None, 0, 0, 0, 0))
+
+
 def in_groups(local_update, group_size: int, shards: int = 1):
   """Runs `local_update(base, lora, opt_state, batches, key)` over the clients axis g at a time per shard,
   writing each group's new adapters and optimizer state back into the stacked state in place.
@@ -304,7 +317,7 @@ def in_groups(local_update, group_size: int, shards: int = 1):
   the loop. A group of one client (g = 1, one shard) runs `local_update` itself, not its vmap, so the
   client's control flow stays unbatched (its all-padding steps are skipped, not computed and discarded).
   """
-  vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+  vmapped = vmap_clients(local_update)
 
   def one(base, *per_client):  # [1, ...] slices -> the unbatched update -> [1, ...]
     out = local_update(base, *jax.tree.map(lambda x: x[0], per_client))
@@ -351,7 +364,7 @@ def over_clients(local_update, execution: str = "vmap", group_size: int | None =
   if execution == "vmap":
     if group_size and group_size > 0:
       return in_groups(local_update, group_size, shards)
-    return jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+    return vmap_clients(local_update)
   if execution == "sequential":
     one = jax.jit(local_update)
 
