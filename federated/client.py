@@ -85,6 +85,12 @@ def item_vectors(base: PyTree, trainable: PyTree) -> jax.Array | None:
   return frozen
 
 
+def scored_vectors(spec: LocalSpec, params: PyTree, frozen: PyTree, trainable: PyTree) -> jax.Array:
+  """`[N, D]` what the loss scores the final hidden states against: the items (`item_vectors`, discriminative
+  training) or the output token vectors of `params`' head (`models.token_vectors`, generative training)."""
+  return item_vectors(frozen, trainable) if spec.hidden else models.token_vectors(spec.config, params)
+
+
 def tail_input(trainable: PyTree, input_ids_bt: jax.Array) -> jax.Array | None:
   """`[B, T, D]` the client's trainable item-ID embeddings of an item-as-token batch, added to the residual
   stream where the client tail starts (`models.apply`'s `tail_input_btd`); None without them."""
@@ -159,7 +165,7 @@ def split_segments(spec: LocalSpec, segments: tuple[PyTree, PyTree, PyTree], bat
     out = models.client_tail(cfg, tail, act_down, mask, lora=lora_tail, rng=rngs[2],
                              tail_input_btd=tail_input(trainable, batch["input_ids"]),
                              **model_outputs(spec.hidden, batch))
-    return loss_fn(out, batch, item_vectors(frozen, trainable))
+    return loss_fn(out, batch, scored_vectors(spec, tail, frozen, trainable))
 
   return head_fn, body_fn, tail_fn
 
@@ -208,10 +214,10 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
 
 def forward_loss(spec: LocalSpec, base: PyTree, trainable: PyTree, batch: Batch, rng=None, loss_fn=generative_loss):
   """`(loss_sum, count)` of one micro-batch through the whole model in one place."""
-  out = models.apply(spec.config, model_params(spec, base, base), batch["input_ids"], batch["attention_mask"],
-                     lora=trainable, rng=rng, tail_input_btd=tail_input(trainable, batch["input_ids"]),
-                     **model_outputs(spec.hidden, batch))
-  return loss_fn(out, batch, item_vectors(base, trainable))
+  params = model_params(spec, base, base)
+  out = models.apply(spec.config, params, batch["input_ids"], batch["attention_mask"], lora=trainable, rng=rng,
+                     tail_input_btd=tail_input(trainable, batch["input_ids"]), **model_outputs(spec.hidden, batch))
+  return loss_fn(out, batch, scored_vectors(spec, params, base, trainable))
 
 
 def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Batch, rng, loss_fn=generative_loss):

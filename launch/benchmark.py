@@ -27,6 +27,7 @@ from absl import app, flags, logging
 
 from launch.bench import (aggregation, client_execution, cpu_round, loss_positions, machine, original_design,
                           pytorch_peer, scale, summary)
+from fellrec_jax import host_memory
 from fellrec_jax.host_memory import GIB
 
 FLAGS = flags.FLAGS
@@ -91,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()
   app.run(main)

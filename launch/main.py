@@ -7,6 +7,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from fellrec_jax import host_memory
 from fellrec_jax.config import ConfigError, Diverged
 from fellrec_jax.data.sources import DataError
 from launch import flags as run_flags
@@ -67,4 +68,5 @@ def run(cfg) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()
   app.run(main)

@@ -53,11 +53,11 @@ def server_body(config: ModelConfig, body: Params, act_btd: jax.Array, attention
 
 def client_tail(config: ModelConfig, tail: Params, act_btd: jax.Array, attention_mask_bt: jax.Array, *,
                 lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False,
-                logits_at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
-  """The last block, final norm and head: logits `[B, T, V]` (decoder; `[B, R, V]` at `logits_at` `[B, R]`),
-  or hidden states `[B, T, D]` (encoder, or `hidden=True`). `tail_input_btd` is added to the activations
+                at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
+  """The last block, final norm and head: logits `[B, T, V]` (decoder), or hidden states `[B, T, D]` (encoder,
+  or `hidden=True`); at positions `at` `[B, R]` only when given. `tail_input_btd` is added to the activations
   first, as `transformer.apply` adds it before the last block."""
   if tail_input_btd is not None:
     act_btd = act_btd + tail_input_btd.astype(act_btd.dtype)
   x = tfm.run_blocks(config, tail["blocks"], act_btd, attention_mask_bt, lora_blocks=_lora_blocks(lora), rng=rng)
-  return tfm.outputs(config, tail, x, hidden=hidden, logits_at=logits_at)
+  return tfm.outputs(config, tail, x, hidden=hidden, at=at)

@@ -236,24 +236,30 @@ def final_norm(config: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Arr
   return rms_norm(params["final_norm"], x_btd, config.norm_eps) if config.is_decoder else x_btd
 
 
+def token_vectors(config: ModelConfig, params: Params) -> jax.Array:
+  """`[V, D]` the output token vectors the head scores normed hidden states against (logits = x @ vectors.T):
+  the embedding table when tied, else the head's transpose (XLA folds it into the matmul)."""
+  return params["embed"]["table_vd"] if config.tie_embeddings else params["head"]["w_io"].T
+
+
 def lm_head(config: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
   """Logits `[B, T, V]` in fp32 from normed hidden states (tied or untied head)."""
-  w = params["embed"]["table_vd"].T if config.tie_embeddings else params["head"]["w_io"]
-  return jnp.einsum("btd,dv->btv", x_btd, w.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,vd->btv", x_btd, token_vectors(config, params).astype(x_btd.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def outputs(config: ModelConfig, params: Params, x_btd: jax.Array, *, hidden: bool = False,
-            logits_at: jax.Array | None = None) -> jax.Array:
+            at: jax.Array | None = None) -> jax.Array:
   """Decoder logits `[B, T, V]`, or the final (normed) hidden states `[B, T, D]` when `hidden` or for encoders.
 
-  `logits_at` `[B, R]` asks for logits at those positions only, `[B, R, V]`: training on a short response
-  needs a few of the T positions, and the head (V columns, fp32 logits) is the costliest part to spare.
+  `at` `[B, R]` asks for the outputs at those positions only, `[B, R, V]` or `[B, R, D]`: training on a short
+  response needs a few of the T positions, and the head (V columns, fp32 logits) is the costliest part to spare.
   """
   x = final_norm(config, params, x_btd)
+  if at is not None:
+    x = jnp.take_along_axis(x, at[..., None], axis=1)
   if not config.is_decoder or hidden:
     return x
-  if logits_at is not None:
-    x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
   return lm_head(config, params, x)
 
 
@@ -277,9 +283,9 @@ def pool(config: ModelConfig, hidden_btd: jax.Array, attention_mask_bt: jax.Arra
 
 def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
           *, lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False,
-          logits_at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
-  """The unsplit forward: logits `[B, T, V]` (decoder; `[B, R, V]` at positions `logits_at` `[B, R]`) or
-  last hidden states `[B, T, D]` (encoder, or a decoder with `hidden=True`: after the final norm).
+          at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:
+  """The unsplit forward: logits `[B, T, V]` (decoder) or last hidden states `[B, T, D]` (encoder, or a
+  decoder with `hidden=True`: after the final norm); `[B, R, V]` or `[B, R, D]` at positions `at` `[B, R]`.
 
   `rng` enables LoRA dropout (training); without it the forward is deterministic. `tail_input_btd` is
   added to the residual stream before the last block (where the client tail of a split starts).
@@ -298,7 +304,7 @@ def apply(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attentio
                    lora_blocks=part(lora_blocks, 0, last), rng=rngs[0])
     x = run_blocks(config, part(params["blocks"], last, None), x + tail_input_btd.astype(x.dtype), attention_mask_bt,
                    lora_blocks=part(lora_blocks, last, None), rng=rngs[1])
-  return outputs(config, params, x, hidden=hidden, logits_at=logits_at)
+  return outputs(config, params, x, hidden=hidden, at=at)
 
 
 def sequence_representation(config: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,

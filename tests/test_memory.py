@@ -181,3 +181,37 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(measured_run):
 
 if __name__ == "__main__":
   print(json.dumps(measure(json.loads(sys.argv[1]))))
+
+
+def test_wants_huge_pages_conditions(tmp_path):
+  import platform
+  from fellrec_jax import host_memory
+  thp = tmp_path / "enabled"
+  thp.write_text("always [madvise] never\n")
+  libc, version = platform.libc_ver()
+  glibc_ok = libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
+  if sys.platform != "linux" or not glibc_ok:
+    assert not host_memory.wants_huge_pages({}, str(thp))
+    return
+  assert host_memory.wants_huge_pages({}, str(thp))
+  assert not host_memory.wants_huge_pages({"FELLREC_HUGE_PAGES": "0"}, str(thp))  # the opt-out
+  assert not host_memory.wants_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, str(thp))  # already chosen
+  assert not host_memory.wants_huge_pages({}, str(tmp_path / "missing"))
+  thp.write_text("always madvise [never]\n")
+  assert not host_memory.wants_huge_pages({}, str(thp))
+
+
+def test_restart_with_huge_pages_sets_the_tunable_once():
+  """The restart re-executes the same command (here `python -c`) with the tunable added to the others."""
+  import os
+  from fellrec_jax import host_memory
+  code = ("import os; from fellrec_jax import host_memory; host_memory.restart_with_huge_pages(); "
+          "print(os.environ.get('GLIBC_TUNABLES'))")
+  env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")
+  env.pop("FELLREC_HUGE_PAGES", None)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                       cwd=str(Path(__file__).resolve().parents[1])).stdout.strip()
+  expected = "glibc.malloc.trim_threshold=1000000"
+  if host_memory.wants_huge_pages(env):
+    expected += ":" + host_memory.HUGE_PAGES_TUNABLE
+  assert out == expected
