@@ -34,6 +34,14 @@ def test_jaxpr_flops_counts_scan_bodies_times_length():
   assert measure.jaxpr_flops(jax.jit(lambda a, b: a @ b), jnp.ones((2, 3)), jnp.ones((3, 7))) == 2 * 2 * 3 * 7
 
 
+def test_jaxpr_flops_skips_dead_code_as_xla_does():
+  def f(x, w):
+    unused = jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0]  # traced, never an output
+    del unused
+    return x @ w[0]
+  assert measure.jaxpr_flops(f, jnp.ones((4, 5)), jnp.ones((3, 5, 5))) == 2 * 4 * 5 * 5
+
+
 def test_synthetic_batches_are_right_padded_with_shifted_targets():
   b = fixtures.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0)
   am = b["attention_mask"]

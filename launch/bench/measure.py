@@ -66,10 +66,14 @@ def jaxpr_flops(fn: Callable, *args) -> float:
 
   Why not XLA's `cost_analysis()` alone: on CPU it counts a while-loop body once, and our round is a scan
   over steps, micro-batches and layers, so it undercounts by roughly their product. Elementwise work
-  (norms, softmax, optimizer) is left out, as in the usual MFU definition.
+  (norms, softmax, optimizer) is left out, as in the usual MFU definition. Dead code is removed first, as
+  XLA removes it: a custom VJP's cotangent for a frozen input (`losses.token_nll`'s head vectors) is traced
+  into the jaxpr but never computed (a fifth of a SmolLM2 round's matmul FLOPs).
   """
   import jax
-  return _count_jaxpr(jax.make_jaxpr(fn)(*args).jaxpr)
+  from jax._src.interpreters import partial_eval  # no public DCE; jax is pinned below 0.11 (requirements.txt)
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return _count_jaxpr(partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0])
 
 
 def _count_jaxpr(jaxpr) -> float:
