@@ -15,7 +15,6 @@ Batch layout seen by one client's local round (the clients axis C is added by vm
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
@@ -229,8 +228,7 @@ def unsplit_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: B
 
 def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
                       penalty: Callable[[PyTree, PyTree], jax.Array] | None = None, loss_fn=generative_loss):
-  """One client's local round: `(base, lora, opt_state, batches, rng, *, skip_empty_steps=True) -> (lora,
-  opt_state, stats)`; `vmap_clients` runs it over a clients axis.
+  """One client's local round: `(base, lora, opt_state, batches, rng) -> (lora, opt_state, stats)`.
 
   Steps whose micro-batches hold no target token (a client that ran out of data) leave the state
   untouched, and so do non-finite steps (a loss, gradient or updated adapter that is NaN or inf): the
@@ -240,13 +238,11 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   """
   value_and_grad = unsplit_value_and_grad if spec.split_k is None else split_value_and_grad
 
-  def local_update(base, lora, opt_state, batches, rng, *, skip_empty_steps=True):
+  def local_update(base, lora, opt_state, batches, rng):
     base = with_round_items(spec, base, lora)
+    anchor = lora  # the round's starting adapters, for `penalty`
 
-    def step(carry, xs):
-      lora, opt_state, anchor = carry
-      step_batches, key = xs
-
+    def step(lora, opt_state, step_batches, key):
       def micro(acc, mb):
         batch, mkey = mb
         loss_sum, count, grads, traffic = value_and_grad(spec, base, lora, batch, mkey, loss_fn)
@@ -254,43 +250,40 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
         return (acc[0] + loss_sum, acc[1] + count, jax.tree.map(jnp.add, acc[2], grads),
                 acc[3] + active * traffic["up"], acc[4] + active * traffic["down"]), None
 
-      def train(_):
-        zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, lora), jnp.zeros(()), jnp.zeros(()))
-        keys = jax.random.split(key, jax.tree.leaves(step_batches)[0].shape[0])
-        (loss_sum, count, grads, up, down), _ = jax.lax.scan(micro, zero, (step_batches, keys))
-        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-        if penalty is not None:
-          grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(lora, anchor))
-        updates, new_opt = tx.update(grads, opt_state, lora)
-        new_lora = optax.apply_updates(lora, updates)
-        finite = jnp.isfinite(loss_sum) & all_finite(grads) & all_finite(new_lora)
-        active = (count > 0) & finite
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-        stats = {"loss_sum": jnp.where(active, loss_sum, 0.0), "tokens": jnp.where(active, count, 0.0),
-                 "bytes_up": up, "bytes_down": down, "steps": active.astype(jnp.float32),
-                 "nonfinite_steps": (~finite).astype(jnp.float32)}
-        return keep(new_lora, lora), keep(new_opt, opt_state), stats
+      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, lora), jnp.zeros(()), jnp.zeros(()))
+      keys = jax.random.split(key, jax.tree.leaves(step_batches)[0].shape[0])
+      (loss_sum, count, grads, up, down), _ = jax.lax.scan(micro, zero, (step_batches, keys))
+      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+      if penalty is not None:
+        grads = jax.tree.map(jnp.add, grads, jax.grad(penalty)(lora, anchor))
+      updates, new_opt = tx.update(grads, opt_state, lora)
+      new_lora = optax.apply_updates(lora, updates)
+      finite = jnp.isfinite(loss_sum) & all_finite(grads) & all_finite(new_lora)
+      active = (count > 0) & finite
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+      stats = {"loss_sum": jnp.where(active, loss_sum, 0.0), "tokens": jnp.where(active, count, 0.0),
+               "bytes_up": up, "bytes_down": down, "steps": active.astype(jnp.float32),
+               "nonfinite_steps": (~finite).astype(jnp.float32), "examples": jnp.sum(step_batches["example_mask"])}
+      return keep(new_lora, lora), keep(new_opt, opt_state), stats
 
-      def skip(_):
-        return lora, opt_state, {name: jnp.zeros(()) for name in
-                                 ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps", "nonfinite_steps")}
-
-      # A client past the end of its data gets all-padding steps (lockstep epochs): one client at a time
-      # (`--client_group_size=1`) skips them with a real branch. Vmapped callers pass
-      # skip_empty_steps=False: a batched predicate would run both branches anyway, after broadcasting
-      # every operand, the shared base weights included, to the clients axis (per-client weight copies
-      # and batched matmuls instead of one); `train` already leaves a client without targets untouched.
-      if skip_empty_steps:
-        lora, opt_state, stats = jax.lax.cond(jnp.any(step_batches["example_mask"] > 0), train, skip, None)
-      else:
-        lora, opt_state, stats = train(None)
-      stats["examples"] = jnp.sum(step_batches["example_mask"])
-      return (lora, opt_state, anchor), stats
-
+    # A client past the end of its data gets all-padding steps at the end (lockstep epochs): the loop stops
+    # after its last step with an example. Under vmap the trip count is the largest among the clients run
+    # together, the finished clients' results discarded (a `lax.cond` would instead broadcast every operand,
+    # the shared base included, to the clients axis); grouping clients of similar sizes is what saves work.
     num_steps = jax.tree.leaves(batches)[0].shape[0]
-    (lora, opt_state, _), per_step = jax.lax.scan(
-        step, (lora, opt_state, lora), (batches, jax.random.split(rng, num_steps)))
-    totals = jax.tree.map(jnp.sum, per_step)
+    has_examples = jnp.any(batches["example_mask"].reshape(num_steps, -1) > 0, axis=1)
+    last = jnp.max(jnp.where(has_examples, jnp.arange(1, num_steps + 1), 0))
+    keys = jax.random.split(rng, num_steps)
+    names = ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps", "nonfinite_steps", "examples")
+
+    def body(carry):
+      i, lora, opt_state, totals = carry
+      lora, opt_state, stats = step(lora, opt_state, jax.tree.map(lambda x: x[i], batches), keys[i])
+      return i + 1, lora, opt_state, {k: totals[k] + stats[k] for k in names}
+
+    _, lora, opt_state, totals = jax.lax.while_loop(
+        lambda carry: carry[0] < last, body, (jnp.zeros((), jnp.int32), lora, opt_state,
+                                              {k: jnp.zeros(()) for k in names}))
     encoding = item_encoding_traffic(spec, base)
     stats = dict(totals, loss=totals["loss_sum"] / jnp.maximum(totals["tokens"], 1.0),
                  bytes_up=totals["bytes_up"] + encoding, bytes_down=totals["bytes_down"] + encoding)
@@ -302,12 +295,6 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
 def all_finite(tree: PyTree) -> jax.Array:
   """Whether every element of every leaf is finite (a scalar bool)."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def vmap_clients(local_update):
-  """`local_update` over a leading clients axis of everything but the base, without the per-client
-  branch that skips all-padding steps (see `make_local_update`)."""
-  return jax.vmap(functools.partial(local_update, skip_empty_steps=False), in_axes=(None, 0, 0, 0, 0))
 
 
 def in_groups(local_update, group_size: int, shards: int = 1):
@@ -323,7 +310,7 @@ def in_groups(local_update, group_size: int, shards: int = 1):
   the loop. A group of one client (g = 1, one shard) runs `local_update` itself, not its vmap, so the
   client's control flow stays unbatched (its all-padding steps are skipped, not computed and discarded).
   """
-  vmapped = vmap_clients(local_update)
+  vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
 
   def one(base, *per_client):  # [1, ...] slices -> the unbatched update -> [1, ...]
     out = local_update(base, *jax.tree.map(lambda x: x[0], per_client))
@@ -370,7 +357,7 @@ def over_clients(local_update, execution: str = "vmap", group_size: int | None =
   if execution == "vmap":
     if group_size and group_size > 0:
       return in_groups(local_update, group_size, shards)
-    return vmap_clients(local_update)
+    return jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
   if execution == "sequential":
     one = jax.jit(local_update)
 

@@ -163,3 +163,28 @@ def test_vmapped_clients_equal_sequential_loop_and_groups():
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
   # the last client's padded final step neither trains nor sends anything
   assert float(vm[2]["steps"][-1]) == S - 1 and float(vm[2]["steps"][0]) == S
+
+
+def test_steps_after_a_clients_last_example_are_skipped_and_middle_gaps_masked():
+  """The step loop stops after each client's last step with an example; under vmap the others' extra
+  iterations are discarded. A client with no example keeps its state bit for bit; an empty step between
+  two real ones changes nothing, so the client equals one trained on its two real steps alone."""
+  cfg, base, lora = _setup()
+  tx = optax.adamw(1e-2, eps=1e-4)
+  update = client.make_local_update(client.LocalSpec(cfg), tx)
+  batches = _batches(7, lead=(2, 3, 1))
+  example = np.ones((2, 3, 1, B), np.float32)
+  example[0] = 0  # client 0: no example at all
+  example[1, 1] = 0  # client 1: steps 0 and 2 only
+  batches = dict(batches, example_mask=jnp.asarray(example))
+  lora_c, rngs = _stack(lora, 2), jax.random.split(jax.random.key(3), 2)
+  out_lora, out_opt, stats = jax.jit(client.over_clients(update, "vmap"))(
+      base, lora_c, jax.vmap(tx.init)(lora_c), batches, rngs)
+  for got, start in zip(jax.tree.leaves(out_lora), jax.tree.leaves(lora_c)):
+    np.testing.assert_array_equal(got[0], start[0])
+  np.testing.assert_array_equal(np.asarray(stats["steps"]), [0, 2])
+  # client 1 alone on its two real steps (no dropout in `_setup`: the step keys do not matter)
+  two = {k: v[1][jnp.asarray([0, 2])] for k, v in batches.items()}
+  want, _, _ = jax.jit(update)(base, lora, tx.init(lora), two, rngs[1])
+  for got, w in zip(jax.tree.leaves(out_lora), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got[1], w, rtol=1e-5, atol=1e-6)
