@@ -271,8 +271,7 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
     # together, the finished clients' results discarded (a `lax.cond` would instead broadcast every operand,
     # the shared base included, to the clients axis); grouping clients of similar sizes is what saves work.
     num_steps = jax.tree.leaves(batches)[0].shape[0]
-    has_examples = jnp.any(batches["example_mask"].reshape(num_steps, -1) > 0, axis=1)
-    last = jnp.max(jnp.where(has_examples, jnp.arange(1, num_steps + 1), 0))
+    last = last_step_with_examples(batches["example_mask"])
     keys = jax.random.split(rng, num_steps)
     names = ("loss_sum", "tokens", "bytes_up", "bytes_down", "steps", "nonfinite_steps", "examples")
 
@@ -290,6 +289,13 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
     return lora, opt_state, stats
 
   return local_update
+
+
+def last_step_with_examples(example_mask_s: jax.Array) -> jax.Array:
+  """The number of leading steps up to the last one with an example (0 if none): `example_mask` `[S, ...]`."""
+  num_steps = example_mask_s.shape[0]
+  has_examples = jnp.any(example_mask_s.reshape(num_steps, -1) > 0, axis=1)
+  return jnp.max(jnp.where(has_examples, jnp.arange(1, num_steps + 1), 0))
 
 
 def all_finite(tree: PyTree) -> jax.Array:

@@ -92,10 +92,14 @@ def make_heldout_loss(spec: client.LocalSpec, loss_fn=losses.generative_loss):
   def one_client(base, lora, batches):
     base = client.with_round_items(spec, base, lora)
 
-    def step(acc, batch):
-      loss_sum, count = client.forward_loss(spec, base, lora, batch, loss_fn=loss_fn)
-      return (acc[0] + loss_sum, acc[1] + count), None
-    (loss_sum, count), _ = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), batches)
+    def step(carry):  # up to the client's last step with an example, as `client.make_local_update`
+      i, loss_sum, count = carry
+      step_loss, step_count = client.forward_loss(spec, base, lora, jax.tree.map(lambda x: x[i], batches),
+                                                  loss_fn=loss_fn)
+      return i + 1, loss_sum + step_loss, count + step_count
+    last = client.last_step_with_examples(batches["example_mask"])
+    _, loss_sum, count = jax.lax.while_loop(lambda c: c[0] < last, step,
+                                            (jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.zeros(())))
     return loss_sum / jnp.maximum(count, 1.0), count
   return jax.vmap(one_client, in_axes=(None, 0, 0))
 

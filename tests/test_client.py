@@ -188,3 +188,22 @@ def test_steps_after_a_clients_last_example_are_skipped_and_middle_gaps_masked()
   want, _, _ = jax.jit(update)(base, lora, tx.init(lora), two, rngs[1])
   for got, w in zip(jax.tree.leaves(out_lora), jax.tree.leaves(want)):
     np.testing.assert_allclose(got[1], w, rtol=1e-5, atol=1e-6)
+
+
+def test_heldout_loss_is_the_token_mean_over_every_step_with_examples():
+  from federated import engine
+  cfg, base, lora = _setup()
+  batches = {k: v[:, :, 0] for k, v in _batches(9).items()}  # [C, S, B, ...]: held-out batches have no A axis
+  example = np.ones((C, S, B), np.float32)
+  example[1, 1:] = 0  # client 1's later steps are padding
+  example[2] = 0  # client 2 has no held-out example
+  batches["example_mask"] = jnp.asarray(example)
+  lora_c = _stack(lora, C)
+  mean, count = jax.jit(engine.make_heldout_loss(client.LocalSpec(cfg)))(base, lora_c, batches)
+  for c in range(C):
+    sums = [client.forward_loss(client.LocalSpec(cfg), base, lora, {k: v[c, s] for k, v in batches.items()})
+            for s in range(S)]
+    total, n = sum(float(x[0]) for x in sums), sum(float(x[1]) for x in sums)
+    assert float(count[c]) == n
+    np.testing.assert_allclose(float(mean[c]), total / max(n, 1.0), rtol=1e-5)
+  assert float(count[2]) == 0 and float(mean[2]) == 0.0
