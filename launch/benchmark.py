@@ -75,7 +75,7 @@ def run(quick: bool, gpu: bool, sections: list[str], repeats: int) -> dict:
   if "original_design" in sections:
     out["original_design"] = original_design.original_design_section(quick, repeats)
   if "pytorch_peer" in sections:
-    out["pytorch_peer"] = pytorch_peer.pytorch_peer_section(quick, repeats)
+    out["pytorch_peer"] = pytorch_peer.pytorch_peer_section(quick, repeats, peak_flops=peak)
   out["seconds"] = time.perf_counter() - start
   return out
 

@@ -180,7 +180,7 @@ def test_pytorch_peer_round_equals_ours():
 @pytest.mark.slow
 def test_pytorch_peer_section_json():
   pytest.importorskip("peft", reason="the PyTorch + PEFT peer needs peft (see .ci/run)")
-  out = {"pytorch_peer": pytorch_peer.pytorch_peer_section(quick=True, repeats=1), "seconds": 0.0}
+  out = {"pytorch_peer": pytorch_peer.pytorch_peer_section(quick=True, repeats=1, peak_flops=1e11), "seconds": 0.0}
   summary.summary(out)
   data = json.loads(json.dumps(out, default=float))["pytorch_peer"]
   assert data["method"] and [r["workload"] for r in data["runs"]] == ["tiny"]
@@ -193,6 +193,9 @@ def test_pytorch_peer_section_json():
   assert run["threads"]["torch"] == run["threads"]["xla"] >= 1
   assert run["shape"] | {"C": 16, "T": 64, "micro_batch": 4, "steps_per_client": 2, "d": 128, "head_dim": 32} == run["shape"]
   assert run["first_loss_peer"] == pytest.approx(run["first_loss_ours"], rel=1e-4)
+  # the same matmul FLOPs over each side's time and the given peak
+  assert run["ours_mfu"] == pytest.approx(run["round_flops"] / run["ours_seconds"] / 1e11)
+  assert run["peer_mfu"] == pytest.approx(run["round_flops"] / run["peer_seconds"] / 1e11)
 
 
 @pytest.mark.slow

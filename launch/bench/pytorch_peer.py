@@ -33,7 +33,7 @@ from typing import Any
 from absl import logging
 
 from launch.bench.fixtures import Round, local_update, make_round, smollm2_config
-from launch.bench.measure import Table, interleaved_seconds
+from launch.bench.measure import Table, interleaved_seconds, jaxpr_flops
 
 # clients, samples per client, tokens per sample, micro-batch (local steps = samples / micro-batch)
 WORKLOADS = {"tiny": dict(clients=16, samples=8, seq_len=64, micro_batch=4),
@@ -298,8 +298,11 @@ def check_first_losses(rnd: Round, peer: Peer) -> tuple[float, float]:
   return ours, theirs
 
 
-def time_workload(name: str, repeats: int, table: Table, threads: dict) -> dict:
-  """One workload's check and interleaved timing, as a JSON run."""
+def time_workload(name: str, repeats: int, table: Table, threads: dict, peak_flops: float | None = None) -> dict:
+  """One workload's check and interleaved timing, as a JSON run; with `peak_flops`, both sides' MFU: the
+  local round's matmul FLOPs (`jaxpr_flops`, the same work on both sides) per second over the peak."""
+  import jax
+  from federated import client
   w = WORKLOADS[name]
   config, base = workload_model(name)
   steps = w["samples"] // w["micro_batch"]
@@ -314,14 +317,19 @@ def time_workload(name: str, repeats: int, table: Table, threads: dict) -> dict:
            "steps_per_client": steps} | model_shape(config)
   table.add(name, f"{w['clients']}x{steps}x{w['micro_batch']}x{w['seq_len']}", ours, theirs, theirs / ours,
             first_ours, first_peer)
-  return {"workload": name, "ours_seconds": ours, "peer_seconds": theirs, "ratio": theirs / ours,
-          "threads": threads, "ours_all_seconds": times["ours"], "peer_all_seconds": times["peer"], "shape": shape,
-          "first_loss_ours": first_ours, "first_loss_peer": first_peer}
+  run = {"workload": name, "ours_seconds": ours, "peer_seconds": theirs, "ratio": theirs / ours,
+         "threads": threads, "ours_all_seconds": times["ours"], "peer_all_seconds": times["peer"], "shape": shape,
+         "first_loss_ours": first_ours, "first_loss_peer": first_peer}
+  if peak_flops:
+    flops = jaxpr_flops(jax.jit(client.over_clients(local_update(rnd), "vmap")), *rnd.args())
+    run |= {"round_flops": flops, "ours_mfu": flops / ours / peak_flops, "peer_mfu": flops / theirs / peak_flops}
+  return run
 
 
-def pytorch_peer_section(quick: bool, repeats: int, workloads: list[str] | None = None) -> dict:
-  """Ours vs PyTorch + PEFT on one federated round: "tiny" (and "smollm2" unless `quick`). Without torch
-  or peft installed: a warning and `{"skipped": reason}`."""
+def pytorch_peer_section(quick: bool, repeats: int, workloads: list[str] | None = None,
+                         peak_flops: float | None = None) -> dict:
+  """Ours vs PyTorch + PEFT on one federated round: "tiny" (and "smollm2" unless `quick`); MFU of both
+  against `peak_flops` when given. Without torch or peft installed: a warning and `{"skipped": reason}`."""
   try:
     import peft  # noqa: F401
     import torch
@@ -335,7 +343,8 @@ def pytorch_peer_section(quick: bool, repeats: int, workloads: list[str] | None 
   previous = torch.get_num_threads()
   torch.set_num_threads(cores)  # every core, as XLA's CPU thread pool uses
   try:
-    runs = [time_workload(name, repeats, table, {"torch": torch.get_num_threads(), "xla": cores}) for name in names]
+    runs = [time_workload(name, repeats, table, {"torch": torch.get_num_threads(), "xla": cores}, peak_flops)
+            for name in names]
   finally:
     torch.set_num_threads(previous)
   return {"runs": runs, "method": METHOD}

@@ -30,5 +30,7 @@ def summary(out: dict) -> None:
   if peer:
     targets = {"tiny": 3.0, "smollm2": 1.2}
     print("ours vs PyTorch+PEFT: " + (f"skipped ({peer['skipped']})" if "skipped" in peer else ", ".join(
-        f"{r['workload']} {r['ratio']:.2f}x (target >= {targets[r['workload']]:g}x)" for r in peer["runs"])))
+        f"{r['workload']} {r['ratio']:.2f}x (target >= {targets[r['workload']]:g}x)"
+        + (f", MFU ours {r['ours_mfu']:.1%} / peer {r['peer_mfu']:.1%}" if "ours_mfu" in r else "")
+        for r in peer["runs"])))
   print(f"total {out['seconds']:.0f} s")
