@@ -23,7 +23,7 @@ from fellrec_jax import checkpoint, privacy, sharding
 from fellrec_jax import config as config_lib
 from fellrec_jax.config import ConfigError, Diverged, RunConfig
 from fellrec_jax.data import pipeline
-from federated import client, losses, round_memory, strategies
+from federated import client, losses, optimizer, round_memory, strategies
 
 PyTree = Any
 
@@ -39,12 +39,13 @@ class FedState:
 
 
 def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warmup then linear decay to zero over the whole run (per client)."""
+  """AdamW with linear warmup then linear decay to zero over the whole run (per client), its moments
+  stored in `--moments_dtype`."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, cfg.learning_rate, warmup) if warmup else optax.constant_schedule(cfg.learning_rate),
        optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1))], [warmup])
-  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  return optimizer.adamw(schedule, cfg.weight_decay, cfg.moments_dtype)
 
 
 def init_item_table(item_emb: np.ndarray, rank: int, rng: jax.Array) -> dict[str, jax.Array]:
@@ -169,7 +170,8 @@ class Engine:
       live = jnp.asarray(layers[None, :] >= np.asarray(self.cuts)[:, None], jnp.float32)  # [C, L]
       lora["blocks"] = jax.tree.map(lambda x: x * live.reshape(*live.shape, *[1] * (x.ndim - 2)), lora["blocks"])
     opt_state = jax.vmap(self.tx.init)(lora)
-    state = FedState(lora=lora, opt_state=opt_state, best_lora=lora,
+    # best_lora gets its own buffers: a round updates lora's in place (donated to `_update_fn`)
+    state = FedState(lora=lora, opt_state=opt_state, best_lora=jax.tree.map(jnp.copy, lora),
                      best_valid=jnp.full((self.num_clients,), jnp.inf))
     return sharding.put(state, sharding.per_client(self.mesh, state))
 
@@ -183,14 +185,17 @@ class Engine:
                                 shards=self.mesh.shape[sharding.CLIENTS])
       if self.cfg.client_execution == "vmap":  # inputs and outputs pinned: per-client state stays split
         per_client = sharding.over_clients(self.mesh, num_clients)
-        # The optimizer state (2x the adapters) is donated; the adapters are not: the round's anchor.
+        # Adapters and optimizer state are donated: the grouped loop then writes each group's new state
+        # into the input buffers. With the adapters kept (the round's anchor), XLA also copied the donated
+        # moments into the loop and back out (2x the adapters per client); the caller keeps the anchor.
         run = jax.jit(run, in_shardings=(self.base_shardings, *[per_client] * 4), out_shardings=per_client,
-                      donate_argnums=(2,))
+                      donate_argnums=(1, 2))
       self._update_fns[(k, num_clients)] = run
     return self._update_fns[(k, num_clients)]
 
   def local_training(self, state: FedState, batches: dict[str, np.ndarray], rng: jax.Array):
-    """Runs every client's local round, grouping clients that share a cut k. Returns (state, stats [C])."""
+    """Runs every client's local round, grouping clients that share a cut k. Returns (state, stats [C]).
+    `state.lora` and `state.opt_state` are donated (updated in place): copy what must outlive the call."""
     keys = jax.random.key_data(jax.random.split(rng, self.num_clients))
     batches = sharding.put(batches, sharding.per_client(self.mesh, batches))
     keys = sharding.put(keys, sharding.per_client(self.mesh, keys))
@@ -303,7 +308,7 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     participating = engine.participants(r)
     batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
     round_key = jax.random.fold_in(jax.random.key(cfg.seed), r)
-    anchor = state.lora
+    anchor = jax.tree.map(jnp.copy, state.lora)  # local_training updates state.lora in place
     train_start = time.perf_counter()
     state, stats = engine.local_training(state, batches, round_key)
     stats = sharding.to_host(stats)

@@ -4,6 +4,7 @@ inputs, and a refusal naming the flags to lower when it will not fit (`check_mem
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -86,6 +87,12 @@ def heldout_program(engine, state) -> RoundProgram:
   return _program(fn.lower(*args).compile(), None, engine.num_clients)
 
 
+def _device_bytes(tree: PyTree) -> int:
+  """Bytes of `tree` on one device: each leaf's shard, by its sharding (the whole leaf without one)."""
+  shard = lambda x: x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+  return sum(math.prod(shard(x)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def _devices_per_host(engine) -> int:
   """Devices of the engine's mesh on this process: CPU "devices" all draw on the one host memory."""
   return sum(1 for d in engine.mesh.devices.flat if d.process_index == jax.process_index())
@@ -112,7 +119,9 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
     host_batches:    one round's stacked numpy batches `[C, S, A, B, ...]` (`round_batches`);
     device_batches:  their on-device copy, an argument of the round program;
     round_temp:      XLA's scratch for the round (activations, gradients, the loss head) x devices;
-    round_outputs:   round outputs that do not reuse a donated buffer (new adapters, statistics) x devices;
+    round_outputs:   round outputs that do not reuse a donated buffer (statistics) x devices;
+    anchor:          the copy of the adapters the round starts from (`run_rounds`: the round updates them
+                     in place, aggregation needs the old ones);
     regroup:         with several distinct cuts, `local_training` slices and re-assembles the state.
   The validation program runs after the round's transients are freed, so it counts only when larger:
     heldout_extra:   max(0, held-out temp + outputs - round temp - round outputs - batches).
@@ -128,6 +137,7 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
   if own_state:
     state = engine.init_state(jax.random.key(0))
   state_bytes = nbytes(state.lora) + nbytes(state.opt_state) + nbytes(state.best_lora)
+  anchor_bytes, anchor_device = nbytes(state.lora), _device_bytes(state.lora)
   programs = round_programs(engine, state)
   heldout = heldout_program(engine, state) if with_heldout else None
   if own_state:
@@ -136,7 +146,8 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
   round_batches = nbytes(_host_round_batches(engine))
   worst = max(programs, key=lambda p: p.transient_bytes)
   device_limit = host_memory.device_limit_bytes(engine.mesh.devices.flat[0])
-  device_peak = max(p.peak_bytes for p in programs + ([heldout] if heldout else []))
+  # the anchor sits beside the round program on its devices, not beside the held-out one
+  device_peak = max([p.peak_bytes + anchor_device for p in programs] + ([heldout.peak_bytes] if heldout else []))
   terms = {
       "resident": host_memory.process_rss_bytes(),
       "state": state_bytes if own_state else 0,
@@ -144,6 +155,7 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
       "device_batches": round_batches,
       "round_temp": worst.temp_bytes * devices,
       "round_outputs": (worst.output_bytes - worst.alias_bytes) * devices,
+      "anchor": anchor_bytes,
       "regroup": (3 * state_bytes // 4 + round_batches) if len(programs) > 1 else 0,  # lora + opt of one take/put
   }
   if engine.cfg.client_execution == "sequential":  # the loop stacks every client's new state, undonated
@@ -151,7 +163,8 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
   round_transient = terms["round_temp"] + terms["round_outputs"] + 2 * round_batches
   terms["heldout_extra"] = 0 if heldout is None else max(0, heldout.transient_bytes * devices - round_transient)
   if device_limit is not None:  # these live in accelerator memory
-    terms |= dict.fromkeys(("state", "device_batches", "round_temp", "round_outputs", "regroup", "heldout_extra"), 0)
+    terms |= dict.fromkeys(("state", "device_batches", "round_temp", "round_outputs", "anchor", "regroup",
+                            "heldout_extra"), 0)
   total = sum(terms.values())
   return terms | {"total": total, "device_peak": device_peak, "device_limit": device_limit,
                   "device_temp": worst.temp_bytes, "group_size": _group_size(engine, worst.num_clients),
@@ -209,7 +222,7 @@ def check_memory_fits(engine, state=None, *, available: int | None = None) -> di
   budget = est["resident"] + available
   parts = ", ".join(f"{name} {_gib(est[name])}" for name in
                     ("resident", "state", "host_batches", "device_batches", "round_temp", "round_outputs",
-                     "regroup", "heldout_extra") if est[name])
+                     "anchor", "regroup", "heldout_extra") if est[name])
   logging.info("estimated peak memory of a round: %s (%s; %d clients, %d per program); this process can use "
                "%s (%s resident + %s available)", _gib(est["total"]), parts, est["num_clients"],
                est["group_size"], _gib(budget), _gib(est["resident"]), _gib(available))

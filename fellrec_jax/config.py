@@ -100,6 +100,7 @@ class RunConfig:
   learning_rate: float = 1e-3
   warmup_steps: int = 0
   weight_decay: float = 0.0
+  moments_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW's mu and nu as stored (math in fp32)
   client_execution: Literal["vmap", "sequential"] = "vmap"
   client_group_size: int | None = None
   clients_per_round: int | None = None

@@ -91,6 +91,9 @@ HELP = {
     "learning_rate": "Peak AdamW learning rate.",
     "warmup_steps": "Linear warmup steps (then linear decay to zero over the run).",
     "weight_decay": "AdamW decoupled weight decay.",
+    "moments_dtype": "How each client's AdamW moments (mu, nu) are stored: float32, or bfloat16 (half the "
+                     "optimizer state, so more clients per host; the step's arithmetic stays fp32 and the "
+                     "moments are rounded stochastically, unbiased).",
     "client_execution": "vmap: all clients in one jitted program; sequential: one client at a time.",
     "client_group_size": "With vmap, run clients g at a time per device of the clients axis (a loop over "
                          "groups, state updated in place) to bound memory.",

@@ -101,10 +101,20 @@ def test_sections_smoke_and_json_keys(tmp_path):
   assert {"C", "model", "seconds", "bytes", "roofline_seconds", "roofline_fraction"} <= set(agg)
   assert agg["bytes"] == 3 * 2 * 4 * 460800  # SmolLM2 q,v r=8: 460,800 fp32 params per client
   sc = data["scale"]
+  fp32, bf16 = sc["moments"]["float32"], sc["moments"]["bfloat16"]
   assert sc["max_clients"] >= 2 and sc["max_clients"] % sc["group_size"] == 0  # whole groups
-  assert sc["bytes_per_client"] == sc["donated"]["measured_bytes_per_client"]
-  # each added client brings at least its adapters and optimizer state (donated in place: counted once)
-  assert sc["bytes_per_client"] >= sc["state_bytes_per_client"], (sc["bytes_per_client"], sc["state_bytes_per_client"])
+  assert sc["bytes_per_client"] == fp32["bytes_per_client"] and sc["max_clients"] == fp32["max_clients"]
+  assert fp32["optimizer_bytes_per_client"] == 2 * sc["adapter_bytes_per_client"] + 4  # two fp32 moments + count
+  assert bf16["optimizer_bytes_per_client"] == sc["adapter_bytes_per_client"] + 4  # two bf16 moments + count
+  for fit in (fp32, bf16):
+    # each added client brings its adapters, optimizer state and data once (donated, updated in place): no
+    # copy of the state beside the loop (one would be >= the adapters, 28 KB). The rest, a few hundred
+    # bytes, is its key and its statistics.
+    own = fit["state_bytes_per_client"] + sc["data_bytes_per_client"]
+    assert own <= fit["bytes_per_client"] <= own + 1024, (fit["bytes_per_client"], own)
+    assert fit["engine_bytes_per_client"] == fit["bytes_per_client"] + 2 * sc["adapter_bytes_per_client"]
+    assert fit["max_clients_24gib"] >= fit["engine_max_clients_24gib"] > 0
+  assert bf16["max_clients_24gib"] > fp32["max_clients_24gib"]
   od = data["original_design"][0]
   assert od["ratio"] == pytest.approx(od["original_seconds"] / od["ours_seconds"])
   assert all(np.isfinite(od[k]) and od[k] > 0 for k in ("original_seconds", "ours_seconds"))

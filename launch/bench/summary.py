@@ -22,8 +22,12 @@ def summary(out: dict) -> None:
       print(f"aggregation C=256 {entry['model']}: {entry['roofline_fraction']:.0%} of roofline "
             f"({entry['bound']}-bound), {entry['bandwidth_roofline_fraction']:.1%} of the bandwidth-only bound")
   if "scale" in out:
-    print(f"max clients per round: {out['scale']['max_clients']} (target >= 1000), "
-          f"{out['scale']['bytes_per_client'] / 1e6:.1f} MB per client")
+    gib24 = out["scale"]["budget_24gib_bytes"] / 2 ** 30
+    for moments, fit in out["scale"]["moments"].items():
+      print(f"max clients per round, {moments} moments: {fit['max_clients']} here (target >= 1000), "
+            f"{fit['max_clients_24gib']} in {gib24:.1f} GiB of a 24 GiB device ({fit['engine_max_clients_24gib']} "
+            f"with the engine's best and anchor adapters; goal 5,000), {fit['bytes_per_client'] / 1e6:.2f} MB "
+            "per client")
   for entry in out.get("original_design", []):
     print(f"original design / ours ({entry['model']}, C={entry['C']}): {entry['ratio']:.1f}x")
   peer = out.get("pytorch_peer")
