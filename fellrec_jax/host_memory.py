@@ -135,4 +135,6 @@ def restart_with_huge_pages() -> None:
     return
   env = dict(os.environ)
   env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE]))
+  print(f"restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (transparent huge pages for XLA's scratch; "
+        "FELLREC_HUGE_PAGES=0 opts out)", file=sys.stderr, flush=True)
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
