@@ -41,6 +41,14 @@ def test_jaxpr_flops_skips_dead_code_as_xla_does():
     return x @ w[0]
   assert measure.jaxpr_flops(f, jnp.ones((4, 5)), jnp.ones((3, 5, 5))) == 2 * 4 * 5 * 5
 
+  def g(x, w):  # a while body with a dead matmul; its trip count is a runtime value
+    def body(c):
+      i, y = c
+      _ = y @ w  # traced, never used
+      return i + 1, y @ w
+    return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+  assert measure.jaxpr_flops(g, jnp.ones((4, 5)), jnp.ones((5, 5)), while_trips=3) == 3 * 2 * 4 * 5 * 5
+
 
 def test_synthetic_batches_are_right_padded_with_shifted_targets():
   b = fixtures.synthetic_batches(2, 1, 1, 3, 8, vocab=50, pad_id=0)

@@ -30,7 +30,7 @@ def time_client_execution(name: str, rnd: Round, repeats: int, table: Table, pea
   update = local_update(rnd)
   vmapped = jax.jit(client.over_clients(update, "vmap"))
   compiled = vmapped.lower(*rnd.args()).compile()
-  flops = jaxpr_flops(client.over_clients(update, "vmap"), *rnd.args())
+  flops = jaxpr_flops(client.over_clients(update, "vmap"), *rnd.args(), while_trips=rnd.steps)
   sequential = client.over_clients(update, "sequential")
   per_client = rnd.per_client_args()
   presliced = presliced_sequential(update)

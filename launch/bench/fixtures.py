@@ -79,6 +79,11 @@ class Round:
     import jax
     return [jax.tree.map(lambda x, c=c: x[c], self.args()[1:]) for c in range(self.num_clients)]
 
+  @property
+  def steps(self) -> int:
+    """Local optimizer steps S of every client (the batches' second axis)."""
+    return self.batches["input_ids"].shape[1]
+
   def tokens(self) -> int:
     """Tokens the round pushes through the model (real, unpadded ones)."""
     return int(self.batches["attention_mask"].sum())

@@ -28,14 +28,18 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tupl
   return statistics.median(times), times
 
 
-def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def interleaved_seconds(fns: dict[str, Callable[[], Any]], repeats: int, settle: int = 0) -> dict[str, list[float]]:
   """Wall times of each `fn()` (results blocked on), the functions called in turn (A B A B ...) `repeats`
-  times after one warm-up call each: load that drifts during the measurement hits every side alike."""
+  times after one warm-up call each: load that drifts during the measurement hits every side alike.
+  `settle` untimed calls precede each timed one, so a side is not timed on the first call after another
+  side ran (see `launch.bench.pytorch_peer`)."""
   for fn in fns.values():
     block(fn())
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      for _ in range(settle):
+        block(fn())
       start = time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - start)
@@ -60,27 +64,34 @@ class Table:
     print(" | ".join(cells), flush=True)
 
 
-def jaxpr_flops(fn: Callable, *args) -> float:
+def jaxpr_flops(fn: Callable, *args, while_trips: int = 1) -> float:
   """Matmul FLOPs of `fn(*args)` counted from its jaxpr: `2 * batch * M * N * K` per `dot_general`,
-  scan bodies multiplied by their length, nested jaxprs (jit, remat, custom_vjp, cond: max branch) recursed.
+  scan bodies multiplied by their length, while-loop bodies by `while_trips` (their trip count is a runtime
+  value: a local round's step loop runs up to its S steps), nested jaxprs (jit, remat, custom_vjp, cond:
+  max branch) recursed.
 
   Why not XLA's `cost_analysis()` alone: on CPU it counts a while-loop body once, and our round is a scan
   over steps, micro-batches and layers, so it undercounts by roughly their product. Elementwise work
   (norms, softmax, optimizer) is left out, as in the usual MFU definition. Dead code is removed first, as
-  XLA removes it: a custom VJP's cotangent for a frozen input (`losses.token_nll`'s head vectors) is traced
-  into the jaxpr but never computed (a fifth of a SmolLM2 round's matmul FLOPs).
+  XLA removes it, at the top and inside every nested body: a custom VJP's cotangent for a frozen input
+  (`losses.token_nll`'s head vectors) is traced into the jaxpr but never computed (a fifth of a SmolLM2
+  round's matmul FLOPs).
   """
   import jax
+  return _count_jaxpr(jax.make_jaxpr(fn)(*args).jaxpr, while_trips)
+
+
+def _live(jaxpr):
+  """`jaxpr` without the equations none of its outputs needs."""
   from jax._src.interpreters import partial_eval  # no public DCE; jax is pinned below 0.11 (requirements.txt)
-  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  return _count_jaxpr(partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0])
+  return partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0]
 
 
-def _count_jaxpr(jaxpr) -> float:
+def _count_jaxpr(jaxpr, while_trips: int) -> float:
   from jax.extend import core
   kinds = (core.Jaxpr, core.ClosedJaxpr)
   total = 0.0
-  for eqn in jaxpr.eqns:
+  for eqn in _live(jaxpr).eqns:
     name = eqn.primitive.name
     if name == "dot_general":
       (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
@@ -91,13 +102,15 @@ def _count_jaxpr(jaxpr) -> float:
       continue
     subs = [v for v in eqn.params.values() if isinstance(v, kinds)]
     subs += [b for v in eqn.params.values() if isinstance(v, (tuple, list)) for b in v if isinstance(b, kinds)]
-    inner = [_count_jaxpr(s.jaxpr if isinstance(s, core.ClosedJaxpr) else s) for s in subs]
+    inner = [_count_jaxpr(s.jaxpr if isinstance(s, core.ClosedJaxpr) else s, while_trips) for s in subs]
     if not inner:
       continue
     if name == "cond":
       total += max(inner)
     elif name == "scan":
       total += eqn.params["length"] * sum(inner)
-    else:  # while loops (trip count unknown: counted once), pjit, remat, custom_jvp/vjp
+    elif name == "while":
+      total += while_trips * sum(inner)  # the body (and its condition, which has no matmul)
+    else:  # pjit, remat, custom_jvp/vjp
       total += sum(inner)
   return total

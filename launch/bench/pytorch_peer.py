@@ -18,7 +18,10 @@ threads set to the cores XLA's CPU pool uses). The peer is lean: the base is nev
 only the trainable tensors move between clients, and each client keeps its optimizer state in place
 rather than serialising it. It runs eager, as PEFT training loops do by default. The two sides' calls
 alternate (ours, peer, ours, peer, ...) after one warm-up each (compilation, lazy optimizer state), so
-load that drifts during the measurement hits both; the medians are reported. Before timing, client 0's
+load that drifts during the measurement hits both; the medians are reported. Each timed call follows an
+untimed call of the same side: in one process, our first SmolLM2 round after a peer round took 23-30 s
+against 12-15 s for the next (with or without huge pages or passive OpenMP waits, even after a 5 s
+pause; not understood), a cost no user running one framework pays. Before timing, client 0's
 first-step loss is computed both ways with dropout off and non-zero adapters: if the two disagree, the
 sides are not running the same workload and the section raises.
 """
@@ -42,7 +45,8 @@ PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gat
                 "down": "down_proj"}
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)  # optax.adamw(1e-3)'s defaults
 LOSS_RTOL = 1e-4
-METHOD = ("interleaved ours/peer calls (A B A B ...) after one warm-up each, medians; each call is one "
+METHOD = ("interleaved ours/peer calls (A B A B ...) after one warm-up each, each timed call after an untimed "
+          "call of the same side, medians; each call is one "
           "federated round of C clients' local AdamW steps plus FELLRec aggregation: ours the jitted vmapped "
           "round + jitted fellrec_aggregate, the peer transformers' LlamaForCausalLM + PEFT LoRA (base loaded "
           "once, per-client adapters and AdamW state swapped in place, eager) + the same aggregation in torch")
@@ -301,7 +305,6 @@ def check_first_losses(rnd: Round, peer: Peer) -> tuple[float, float]:
 def time_workload(name: str, repeats: int, table: Table, threads: dict, peak_flops: float | None = None) -> dict:
   """One workload's check and interleaved timing, as a JSON run; with `peak_flops`, both sides' MFU: the
   local round's matmul FLOPs (`jaxpr_flops`, the same work on both sides) per second over the peak."""
-  import jax
   from federated import client
   w = WORKLOADS[name]
   config, base = workload_model(name)
@@ -311,7 +314,7 @@ def time_workload(name: str, repeats: int, table: Table, threads: dict, peak_flo
   first_ours, first_peer = check_first_losses(rnd, peer)
   alpha, beta = fellrec_defaults()
   times = interleaved_seconds({"ours": ours_round(rnd, alpha, beta), "peer": lambda: peer_round(peer, alpha, beta)},
-                              repeats)
+                              repeats, settle=1)
   ours, theirs = statistics.median(times["ours"]), statistics.median(times["peer"])
   shape = {"C": w["clients"], "samples_per_client": w["samples"], "T": w["seq_len"], "micro_batch": w["micro_batch"],
            "steps_per_client": steps} | model_shape(config)
@@ -321,7 +324,7 @@ def time_workload(name: str, repeats: int, table: Table, threads: dict, peak_flo
          "threads": threads, "ours_all_seconds": times["ours"], "peer_all_seconds": times["peer"], "shape": shape,
          "first_loss_ours": first_ours, "first_loss_peer": first_peer}
   if peak_flops:
-    flops = jaxpr_flops(jax.jit(client.over_clients(local_update(rnd), "vmap")), *rnd.args())
+    flops = jaxpr_flops(client.over_clients(local_update(rnd), "vmap"), *rnd.args(), while_trips=rnd.steps)
     run |= {"round_flops": flops, "ours_mfu": flops / ours / peak_flops, "peer_mfu": flops / theirs / peak_flops}
   return run
 
