@@ -109,5 +109,8 @@ def test_per_client_cuts_train_like_the_unsplit_model(tmp_path):
   """Flexible storage: clients cut at different k (grouped by k) end where unsplit training ends."""
   split, _, _ = engine_worker.run(engine_worker.make_config(str(tmp_path / "split"), split_k=(0, 1, 3), rounds=1))
   whole, _, _ = engine_worker.run(engine_worker.make_config(str(tmp_path / "whole"), split_k=None, rounds=1))
+  # atol 2e-5: Adam divides by sqrt(v), so an element whose gradient is near zero turns the two paths'
+  # different rounding into a visible step (3 of 12,288 elements differ by 1.2e-5 since the loss is chunked,
+  # the same element in every client; a wrong cut would move every element by up to the learning rate, 5e-3)
   for a, b in zip(_leaves(split.lora), _leaves(whole.lora)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
