@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fellrec_jax.config import MOMENTS_DTYPES
+
 PyTree = Any
 
-MOMENTS_DTYPES = ("float32", "bfloat16")
 ROUNDING_SEED = 0  # the stochastic rounding's base key; each step folds in the step count and the leaf
 
 

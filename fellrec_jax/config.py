@@ -20,8 +20,9 @@ Baseline = Literal["item_knn", "sasrec"]  # conventional reference rows; most-po
 Mode = Literal["train", "prepare", "resources", "attack"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # parameter and compute dtypes
 Decoding = Literal["l2", "constrained"]  # generative: BIGRec's L2 grounding, or beams in the catalogue trie
-STRATEGIES, BASELINES, MODES, DTYPES, DECODINGS = (typing.get_args(x) for x in (Strategy, Baseline, Mode, Dtype,
-                                                                                 Decoding))
+MomentsDtype = Literal["float32", "bfloat16"]  # AdamW's mu and nu as stored (math in fp32)
+STRATEGIES, BASELINES, MODES, DTYPES, DECODINGS, MOMENTS_DTYPES = (
+    typing.get_args(x) for x in (Strategy, Baseline, Mode, Dtype, Decoding, MomentsDtype))
 
 
 def options(annotation) -> tuple[str, ...] | None:
@@ -100,7 +101,7 @@ class RunConfig:
   learning_rate: float = 1e-3
   warmup_steps: int = 0
   weight_decay: float = 0.0
-  moments_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW's mu and nu as stored (math in fp32)
+  moments_dtype: MomentsDtype = "float32"
   client_execution: Literal["vmap", "sequential"] = "vmap"
   client_group_size: int | None = None
   clients_per_round: int | None = None
