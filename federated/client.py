@@ -291,6 +291,13 @@ def make_local_update(spec: LocalSpec, tx: optax.GradientTransformation,
   return local_update
 
 
+def order_by_steps(example_mask_nc: jax.Array) -> jax.Array:
+  """`[shards, C, S, ...]` example masks -> `[shards, C]` each shard's clients by their number of steps up to
+  the last one with an example, most first (ties in client order)."""
+  last_nc = jax.vmap(jax.vmap(last_step_with_examples))(example_mask_nc)
+  return jnp.argsort(-last_nc, axis=1, stable=True)
+
+
 def last_step_with_examples(example_mask_s: jax.Array) -> jax.Array:
   """The number of leading steps up to the last one with an example (0 if none): `example_mask` `[S, ...]`."""
   num_steps = example_mask_s.shape[0]
@@ -317,6 +324,10 @@ def in_groups(local_update, group_size: int, shards: int = 1):
   clients. A last group of the remainder runs after the loop. A group of one client (g = 1, one shard)
   runs `local_update` itself, not its vmap, so the client's control flow stays unbatched (its
   all-padding steps are skipped, not computed and discarded).
+
+  Groups are size-homogeneous: with more than one group, each shard's clients run in `order_by_steps`
+  (most steps with examples first), so a group's step loop, which runs as long as its longest client,
+  discards few steps of the others. Rows are gathered by that order and written back to the same rows.
   """
   vmapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
 
@@ -333,15 +344,24 @@ def in_groups(local_update, group_size: int, shards: int = 1):
     to_shards = lambda tree: jax.tree.map(lambda x: x.reshape(n_shards, per_shard, *x.shape[1:]), tree)
     to_clients = lambda tree: jax.tree.map(lambda x: x.reshape(num_clients, *x.shape[2:]), tree)
 
+    lora, opt_state, batches, keys = to_shards((lora, opt_state, batches, keys))
+    order = order_by_steps(batches["example_mask"]) if full + bool(rest) > 1 else None
+
     def rows(tree, start, size):  # [shards, per_shard, ...] -> the group's [shards * size, ...]
-      take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(n_shards * size, *x.shape[2:])
-      return jax.tree.map(take, tree)
+      if order is None:
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+      else:
+        idx = jax.lax.dynamic_slice_in_dim(order, start, size, axis=1)
+        take = lambda x: jax.vmap(lambda xs, i: xs[i])(x, idx)
+      return jax.tree.map(lambda x: take(x).reshape(n_shards * size, *x.shape[2:]), tree)
 
     def write(tree, part, start):
-      put = lambda x, p: jax.lax.dynamic_update_slice_in_dim(x, p.reshape(n_shards, -1, *p.shape[1:]), start, 1)
-      return jax.tree.map(put, tree, part)
+      part = jax.tree.map(lambda p: p.reshape(n_shards, -1, *p.shape[1:]), part)
+      if order is None:
+        return jax.tree.map(lambda x, p: jax.lax.dynamic_update_slice_in_dim(x, p, start, 1), tree, part)
+      idx = jax.lax.dynamic_slice_in_dim(order, start, jax.tree.leaves(part)[0].shape[1], axis=1)
+      return jax.tree.map(lambda x, p: jax.vmap(lambda xs, i, ps: xs.at[i].set(ps))(x, idx, p), tree, part)
 
-    lora, opt_state, batches, keys = to_shards((lora, opt_state, batches, keys))
     group_stats = jax.eval_shape(vmapped, base, *rows((lora, opt_state, batches, keys), 0, 1))[2]
     stats = jax.tree.map(lambda s: jnp.zeros((n_shards, per_shard, *s.shape[1:]), s.dtype), group_stats)
 

@@ -148,7 +148,9 @@ def test_vmapped_clients_equal_sequential_loop_and_groups():
   update = client.make_local_update(client.LocalSpec(cfg, split_k=1), tx, penalty=lambda p, a: 0.0)
   lora_c = _stack(lora, C)
   opt_c = jax.vmap(tx.init)(lora_c)
-  batches = _batches(4)
+  example = np.ones((C, S, A, B), np.float32)
+  example[0, -1] = 0  # client 0 ran out of data first: groups of 2 run clients 1 and 2, then 0
+  batches = dict(_batches(4), example_mask=jnp.asarray(example))
   rngs = jax.random.split(jax.random.key(5), C)
   vm = jax.jit(client.over_clients(update, "vmap"))(base, lora_c, opt_c, batches, rngs)
   grouped = jax.jit(client.over_clients(update, "vmap", group_size=2))(base, lora_c, opt_c, batches, rngs)
@@ -161,8 +163,15 @@ def test_vmapped_clients_equal_sequential_loop_and_groups():
   for other in (seq, grouped, single, donated):  # groups of 2: a full group, then a remainder of 1
     for g, r in zip(jax.tree.leaves(other), jax.tree.leaves(vm)):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
-  # the last client's padded final step neither trains nor sends anything
-  assert float(vm[2]["steps"][-1]) == S - 1 and float(vm[2]["steps"][0]) == S
+  # client 0's padded final step neither trains nor sends anything
+  np.testing.assert_array_equal(np.asarray(vm[2]["steps"]), [S - 1, S, S])
+
+
+def test_groups_take_each_shards_clients_by_steps_most_first():
+  steps = np.asarray([[2, 0, 5, 5], [1, 3, 3, 4]])  # [shards, clients]: steps up to the last with an example
+  example = (np.arange(6) < steps[..., None]).astype(np.float32)[..., None]  # [shards, C, S=6, B=1]
+  example[0, 2, 1] = 0  # a gap before the last example does not shorten the client
+  np.testing.assert_array_equal(client.order_by_steps(jnp.asarray(example)), [[2, 3, 0, 1], [3, 1, 2, 0]])
 
 
 def test_steps_after_a_clients_last_example_are_skipped_and_middle_gaps_masked():
