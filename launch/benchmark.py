@@ -9,11 +9,13 @@ Sections (each prints a table row per measurement and lands in the JSON under it
   scale             most simulated clients per round that fit this machine (SmolLM2-135M adapters + AdamW)
   original_design   the released code's pattern (clients one by one, base reloaded per client) vs ours
   pytorch_peer      one federated round (local AdamW steps + FELLRec aggregation) vs plain PyTorch + PEFT
+  padding           a real round's padding (ml-latest-small), lockstep vs size-ordered client groups (not
+                    in the default list: about 15 minutes on 2 cores, 5 with --quick)
 
 Everything uses synthetic token batches and randomly initialised weights of the real shapes (timings
 do not depend on the values), except the original-design section, which reloads weights from disk as
-the released code does. Timings are medians over `--repeats` calls after one warm-up (compile) call; the
-pytorch_peer section alternates its two sides' calls. It needs torch and peft, and is skipped without them.
+the released code does, and the padding section, which tokenizes real data. Timings are medians over
+`--repeats` calls after one warm-up (compile) call; the pytorch_peer section alternates its two sides' calls. It needs torch and peft, and is skipped without them.
 The sections and their helpers live in `launch.bench`; this module parses the flags, runs them and writes the JSON.
 """
 
@@ -26,7 +28,7 @@ import time
 from absl import app, flags, logging
 
 from launch.bench import (aggregation, client_execution, cpu_round, loss_positions, machine, original_design,
-                          pytorch_peer, scale, summary)
+                          padding, pytorch_peer, scale, summary)
 from fellrec_jax import host_memory
 from fellrec_jax.host_memory import GIB
 
@@ -45,6 +47,9 @@ flags.DEFINE_integer("exec_local_steps", 2, "Local optimizer steps S per round o
 flags.DEFINE_integer("scale_group_size", 16, "Clients per vmapped group (client_group_size) in the scale section.")
 flags.DEFINE_bool("scale_run", None, "Also run one full round at the largest client count (slow on CPU); "
                   "default: on with --gpu, off otherwise.")
+flags.DEFINE_string("padding_data_dir", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                            "ml-latest-small"),
+                    "MovieLens directory of the padding section (the built-in synthetic data when it is absent).")
 flags.DEFINE_float("memory_fraction", 0.9, "Share of the available memory the scale section may plan to use.")
 
 
@@ -76,6 +81,8 @@ def run(quick: bool, gpu: bool, sections: list[str], repeats: int) -> dict:
     out["original_design"] = original_design.original_design_section(quick, repeats)
   if "pytorch_peer" in sections:
     out["pytorch_peer"] = pytorch_peer.pytorch_peer_section(quick, repeats, peak_flops=peak)
+  if "padding" in sections:
+    out["padding"] = padding.padding_section(quick, min(repeats, 3), FLAGS.padding_data_dir)
   out["seconds"] = time.perf_counter() - start
   return out
 

@@ -10,7 +10,7 @@ from absl import flags
 
 from launch import benchmark  # noqa: F401 (defines the flags the sections read)
 from launch.bench import (aggregation, client_execution, cpu_round, fixtures, loss_positions, measure, original_design,
-                          pytorch_peer, scale, summary)
+                          padding, pytorch_peer, scale, summary)
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +48,14 @@ def test_jaxpr_flops_skips_dead_code_as_xla_does():
       return i + 1, y @ w
     return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
   assert measure.jaxpr_flops(g, jnp.ones((4, 5)), jnp.ones((5, 5)), while_trips=3) == 3 * 2 * 4 * 5 * 5
+
+
+def test_client_steps_of_lockstep_groups():
+  last = np.asarray([3, 9, 1, 8, 2])
+  assert padding.client_steps(last, 5, ordered=True) == 5 * 9  # one program: everyone runs 9 steps
+  assert padding.client_steps(last, 1, ordered=True) == last.sum()  # one at a time: no lockstep
+  assert padding.client_steps(last, 2, ordered=False) == 2 * 9 + 2 * 8 + 2  # [3, 9], [1, 8], [2]
+  assert padding.client_steps(last, 2, ordered=True) == 2 * 9 + 2 * 3 + 1  # [9, 8], [3, 2], [1]
 
 
 def test_synthetic_batches_are_right_padded_with_shifted_targets():
