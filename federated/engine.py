@@ -30,12 +30,18 @@ PyTree = Any
 
 @flax.struct.dataclass
 class FedState:
-  """Everything a round updates. Leaves of `lora`, `opt_state`, `best_lora` carry the clients axis."""
+  """Everything a round updates. Leaves of `lora`, `opt_state`, `best_lora` carry the clients axis;
+  `best_lora` is None with `--keep_best=false` (the last adapters are the ones evaluated)."""
 
   lora: PyTree
   opt_state: PyTree
   best_lora: PyTree
   best_valid: jax.Array  # [C] the selection criterion of best_lora, lower is better (loss or -metric); +inf first
+
+  @property
+  def evaluated_lora(self) -> PyTree:
+    """The adapters a run evaluates: each client's best, or with `--keep_best=false` its last."""
+    return self.lora if self.best_lora is None else self.best_lora
 
 
 def make_optimizer(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
@@ -171,7 +177,8 @@ class Engine:
       lora["blocks"] = jax.tree.map(lambda x: x * live.reshape(*live.shape, *[1] * (x.ndim - 2)), lora["blocks"])
     opt_state = jax.vmap(self.tx.init)(lora)
     # best_lora gets its own buffers: a round updates lora's in place (donated to `_update_fn`)
-    state = FedState(lora=lora, opt_state=opt_state, best_lora=jax.tree.map(jnp.copy, lora),
+    state = FedState(lora=lora, opt_state=opt_state,
+                     best_lora=jax.tree.map(jnp.copy, lora) if self.cfg.keep_best else None,
                      best_valid=jnp.full((self.num_clients,), jnp.inf))
     return sharding.put(state, sharding.per_client(self.mesh, state))
 
@@ -220,7 +227,8 @@ class Engine:
   def _aggregate_impl(self, lora, losses, weights, participating, round_index, anchor):
     rows = {} if self.item_counts is None else {"item_counts": jnp.asarray(self.item_counts)}
     last = self.model_config.num_layers - 1  # --fellrec_private_tail: the client-tail block's adapters stay private
-    shared = ((lambda tree: dict(tree, blocks=jax.tree.map(lambda x: x[:, :last], tree["blocks"])))
+    tail_kept = lambda tree: dict(tree, blocks=jax.tree.map(lambda x: x[:, :last], tree["blocks"]))
+    shared = ((lambda tree: None if tree is None else tail_kept(tree))  # an anchor nothing reads is None
               if self.cfg.fellrec_private_tail else (lambda tree: tree))
     mixed, info = self.strategy.aggregate(shared(lora), losses, weights, participating, round_index, shared(anchor),
                                           **rows)
@@ -255,8 +263,15 @@ class Engine:
     improved = criterion < state.best_valid
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o),
                                          new, old)
-    return state.replace(best_lora=keep(state.lora, state.best_lora),
-                         best_valid=jnp.where(improved, criterion, state.best_valid)), out
+    best_lora = None if state.best_lora is None else keep(state.lora, state.best_lora)
+    return state.replace(best_lora=best_lora, best_valid=jnp.where(improved, criterion, state.best_valid)), out
+
+  @property
+  def needs_anchor(self) -> bool:
+    """Whether the round's starting adapters are read after local training (DP clips the update, a server
+    step or an update-based similarity measures it): else no copy of them is made."""
+    return (self.cfg.dp_clip is not None or self.strategy.reads_anchor
+            or (self.cfg.server_lr != 1.0 and self.strategy.shares))
 
   def participants(self, round_index: int) -> np.ndarray:
     """[C] bool: the clients sampled this round (seeded by (seed, round), so resumes agree)."""
@@ -308,7 +323,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     participating = engine.participants(r)
     batches = round_batches(_tracking(batch_iter, meta), engine.micro_per_round, cfg.grad_accum, participating)
     round_key = jax.random.fold_in(jax.random.key(cfg.seed), r)
-    anchor = jax.tree.map(jnp.copy, state.lora)  # local_training updates state.lora in place
+    # local_training updates state.lora in place: what reads the starting adapters later needs a copy
+    anchor = jax.tree.map(jnp.copy, state.lora) if engine.needs_anchor else None
     train_start = time.perf_counter()
     state, stats = engine.local_training(state, batches, round_key)
     stats = sharding.to_host(stats)

@@ -266,9 +266,9 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   state, history = engine_lib.run_rounds(eng, str(workdir), on_round=on_round, progress=name)
   best_valid = np.asarray(sharding.to_host(state.best_valid))
   if not np.isfinite(best_valid).all():
-    logging.warning("[%s] client(s) %s never had a finite validation score: their starting adapters are evaluated",
-                    name, np.flatnonzero(~np.isfinite(best_valid)).tolist())
-  best = sharding.to_host(state.best_lora)
+    logging.warning("[%s] client(s) %s never had a finite validation score: their %s adapters are evaluated",
+                    name, np.flatnonzero(~np.isfinite(best_valid)).tolist(), "starting" if cfg.keep_best else "last")
+  best = sharding.to_host(state.evaluated_lora)
   if eng.strategy.pooled:
     best = engine_lib.stack_clients(jax.tree.map(lambda x: x[0], best), prep.num_clients)
   test = with_primary_balance(evaluate(cfg, model, best, prep, "test", item_emb))

@@ -120,8 +120,8 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
     device_batches:  their on-device copy, an argument of the round program;
     round_temp:      XLA's scratch for the round (activations, gradients, the loss head) x devices;
     round_outputs:   round outputs that do not reuse a donated buffer (statistics) x devices;
-    anchor:          the copy of the adapters the round starts from (`run_rounds`: the round updates them
-                     in place, aggregation needs the old ones);
+    anchor:          the copy of the adapters the round starts from, when something reads them after the
+                     round (`Engine.needs_anchor`: the round updates the adapters in place);
     regroup:         with several distinct cuts, `local_training` slices and re-assembles the state.
   The validation program runs after the round's transients are freed, so it counts only when larger:
     heldout_extra:   max(0, held-out temp + outputs - round temp - round outputs - batches).
@@ -137,7 +137,7 @@ def estimate_round_peak(engine, state=None, *, with_heldout: bool = True) -> dic
   if own_state:
     state = engine.init_state(jax.random.key(0))
   state_bytes = nbytes(state.lora) + nbytes(state.opt_state) + nbytes(state.best_lora)
-  anchor_bytes, anchor_device = nbytes(state.lora), _device_bytes(state.lora)
+  anchor_bytes, anchor_device = (nbytes(state.lora), _device_bytes(state.lora)) if engine.needs_anchor else (0, 0)
   programs = round_programs(engine, state)
   heldout = heldout_program(engine, state) if with_heldout else None
   if own_state:

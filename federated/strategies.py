@@ -44,6 +44,7 @@ class Strategy:
   local_penalty: Callable[[PyTree, PyTree], jax.Array] | None = None
   shares: bool = True
   pooled: bool = False  # one training client holds every client's examples; its adapter serves them all
+  reads_anchor: bool = False  # `aggregate` reads `anchor`: the engine keeps a copy of the round's starting adapters
 
 
 # Leaves of `stacked["items"]` whose axis 1 indexes items: the full table `[C, I, D]`, the item factor
@@ -205,7 +206,7 @@ def make_strategy(name: str, *, fellrec_alpha: float = 0.7, fellrec_beta: float 
                                 participating_c=participating,
                                 reference=anchor if fellrec_similarity == "update" else None)
       return mix(stacked, a, item_counts), {"similarity": s, "warm_weights": w}
-    return Strategy("fellrec", aggregate)
+    return Strategy("fellrec", aggregate, reads_anchor=fellrec_similarity == "update")
   if name == "fedavg":
     return Strategy("fedavg", fedavg)
   if name == "fedprox":

@@ -126,6 +126,7 @@ class RunConfig:
   # evaluation and the loop
   eval_every: int = 1
   select_by: str | None = None  # "loss" or a metric such as "ndcg@10"; None: ndcg@10 for discriminative
+  keep_best: bool = True  # a copy of each client's best adapter; off: the last adapters are evaluated
   checkpoint_every: int = 1
   patience: int | None = None
   eval_batch_size: int = 32

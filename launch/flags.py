@@ -62,6 +62,9 @@ HELP = {
                   "training runs only blocks [k, L).",
     "select_by": "Each client's best adapter (and --patience): loss, or a validation metric such as ndcg@10; "
                  "default ndcg@10 for --task=discriminative, loss for generative.",
+    "keep_best": "Keep a copy of each client's best adapter by --select_by and evaluate it; off: the last "
+                 "round's adapters are evaluated and the copy (one adapter per client) is not held, for the "
+                 "most clients per host.",
     "baselines": "Comma list of conventional reference rows trained centrally on the same split and evaluated "
                  "on the same users and masking, in results.json['baselines'] and comparison.md: item_knn, sasrec "
                  "(most-popular is always there); empty for none.",

@@ -128,8 +128,9 @@ def test_sections_smoke_and_json_keys(tmp_path):
     # bytes, is its key and its statistics.
     own = fit["state_bytes_per_client"] + sc["data_bytes_per_client"]
     assert own <= fit["bytes_per_client"] <= own + 1024, (fit["bytes_per_client"], own)
-    assert fit["engine_bytes_per_client"] == fit["bytes_per_client"] + 2 * sc["adapter_bytes_per_client"]
-    assert fit["max_clients_24gib"] >= fit["engine_max_clients_24gib"] > 0
+    assert fit["engine_bytes_per_client"] == fit["bytes_per_client"] + sc["adapter_bytes_per_client"]
+    assert fit["lean_engine_bytes_per_client"] == fit["bytes_per_client"]
+    assert fit["lean_engine_max_clients_24gib"] == fit["max_clients_24gib"] >= fit["engine_max_clients_24gib"] > 0
   assert bf16["max_clients_24gib"] > fp32["max_clients_24gib"]
   od = data["original_design"][0]
   assert od["ratio"] == pytest.approx(od["original_seconds"] / od["ours_seconds"])

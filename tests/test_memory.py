@@ -25,7 +25,7 @@ SMALL = dict(num_clients=4, batch_size=4, seq_len=32, hidden=64, layers=2, vocab
 
 def make_engine(num_clients: int, batch_size: int, seq_len: int, hidden: int, layers: int, vocab: int, *,
                 group_size: int | None = None, split_k: int | None = None, examples_per_client: int | None = None,
-                targets: tuple[str, ...] = ("q", "v")):
+                targets: tuple[str, ...] = ("q", "v"), strategy=("fedavg", {}), **run_config):
   """An engine on random token data of a random-init decoder: one micro-batch per client per round
   (`local_epochs` is a fraction), every position a target, so the full `[B, T, V]` logits are live."""
   import jax
@@ -53,10 +53,10 @@ def make_engine(num_clients: int, batch_size: int, seq_len: int, hidden: int, la
 
   train = [client_examples(n) for _ in range(num_clients)]
   valid = [client_examples(2) for _ in range(num_clients)]
-  cfg = RunConfig(num_clients=num_clients, batch_size=batch_size, local_epochs=batch_size / n, rounds=1,
-                  client_group_size=group_size, eval_batch_size=2, lora_dropout=0.0,
-                  split_k=None if split_k is None else (split_k,))
-  return engine_lib.Engine(cfg, config, base, train, valid, strategies.make_strategy("fedavg"),
+  cfg = RunConfig(**(dict(num_clients=num_clients, batch_size=batch_size, local_epochs=batch_size / n, rounds=1,
+                          client_group_size=group_size, eval_batch_size=2, lora_dropout=0.0,
+                          split_k=None if split_k is None else (split_k,)) | run_config))
+  return engine_lib.Engine(cfg, config, base, train, valid, strategies.make_strategy(strategy[0], **strategy[1]),
                            sharding.make_mesh(), [split_k] * num_clients)
 
 
@@ -146,7 +146,7 @@ def test_the_round_updates_the_state_in_place(small):
   """The engine donates the adapters and the moments, so an added client costs its arguments (state and
   batches) and no copy of them; with the adapters kept as the anchor, XLA used to copy the donated moments
   into the grouped loop and back out, and return new adapters beside the old (SmolLM2: 9.9 vs 5.5 MB per
-  client). The anchor is now a copy the engine makes, counted once."""
+  client). The anchor is now a copy the engine makes when something reads it after the round."""
   four, eight = small[4, 1][1], small[8, 1][1]
   prog = lambda e: e["programs"][0]
   added_args = prog(eight)["argument_bytes"] - prog(four)["argument_bytes"]
@@ -156,10 +156,38 @@ def test_the_round_updates_the_state_in_place(small):
   # loop: 2 KB a client here, 252 bytes in the SmolLM2 scale section) and their keys and statistics
   batches = eight["device_batches"] - four["device_batches"]
   assert added_args <= added_peak <= added_args + batches + 4 * 64, (added_args, added_peak, batches)
-  adapters = four["anchor"]  # state = adapters + two fp32 moments + int32 step counts + best adapters
+  import jax
+  from federated.resources import nbytes
+  adapters = nbytes(small[4, 1][0].init_state(jax.random.key(0)).lora)
+  assert four["anchor"] == 0  # FedAvg reads no starting adapters after the round: none are copied
+  # state = adapters + two fp32 moments + int32 step counts + best adapters
   assert 4 * adapters < four["state"] <= 4 * adapters + 4 * 16
   assert prog(four)["alias_bytes"] >= 3 * adapters  # new adapters and moments written over the old
   assert four["round_outputs"] < 4 * 1024  # what is not: the statistics
+
+
+def test_copies_of_the_adapters_are_held_only_when_read(small, tmp_path):
+  """The round's starting adapters are copied only for what reads them after the round (an update-based
+  FELLRec similarity here), the best adapters only with --keep_best; without them the last adapters are
+  evaluated, and a run checkpoints and resumes."""
+  import jax
+  import numpy as np
+  from federated import engine as engine_lib
+  from federated import round_memory
+  from federated.resources import nbytes
+  default_eng, default = small[4, None]
+  adapters = nbytes(default_eng.init_state(jax.random.key(0)).lora)
+  update_based = make_engine(**SMALL, strategy=("fellrec", {"fellrec_similarity": "update"}))
+  lean = make_engine(**SMALL, keep_best=False, rounds=2)
+  assert (default_eng.needs_anchor, update_based.needs_anchor, lean.needs_anchor) == (False, True, False)
+  assert round_memory.estimate_round_peak(update_based, with_heldout=False)["anchor"] == adapters
+  assert default["state"] - round_memory.estimate_round_peak(lean, with_heldout=False)["state"] == adapters
+  state, _ = engine_lib.run_rounds(lean, str(tmp_path))
+  assert state.best_lora is None and state.evaluated_lora is state.lora
+  resumed, history = engine_lib.run_rounds(make_engine(**SMALL, keep_best=False, rounds=2), str(tmp_path))
+  assert [h["round"] for h in history] == [0, 1] and resumed.best_lora is None  # restored, nothing left to run
+  for got, want in zip(jax.tree.leaves(resumed.lora), jax.tree.leaves(state.lora)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_run_that_will_not_fit_is_refused_naming_the_flags(small, caplog, monkeypatch):

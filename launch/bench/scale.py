@@ -54,9 +54,10 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
   `check_run` runs one group-sized round to show the program executes. The round donates the adapter
   and optimizer buffers, as the engine does, so the grouped loop updates the state in place; the full
   (not quick) CPU run also fits an "undonated" fp32 round. Besides the round's arguments the engine
-  holds two more adapter copies per client (its best adapters, and the round's starting adapters that
-  aggregation needs): `engine_bytes_per_client`. Each fit is also solved for a 24 GiB device
-  (`budget_24gib_bytes`, the same `--memory_fraction` of it).
+  holds one more adapter copy per client, its best adapters (`engine_bytes_per_client`), none with
+  `--keep_best=false` (`lean_engine_bytes_per_client`: the round's own bytes), and one more where the
+  round's starting adapters are read after it (DP, `--server_lr`, `--fellrec_similarity=update`). Each fit
+  is also solved for a 24 GiB device (`budget_24gib_bytes`, the same `--memory_fraction` of it).
   """
   import jax
   from federated import client, optimizer, resources
@@ -93,12 +94,14 @@ def scale_section(quick: bool, gpu: bool, run_round: bool, model: str = "smollm2
       confirmed = memory(best)
     one = abstract_round(config, base, 1, steps, batch, seq_len, tx)
     adapters, opt = resources.nbytes(one[1]), resources.nbytes(one[2])
-    engine_per_client = per_client + 2 * adapters  # + best adapters + the round's anchor
+    engine_per_client = per_client + adapters  # + the best adapters
     return {"max_clients": best, "bytes_per_client": per_client, "fixed_bytes": fixed, "at_max": confirmed,
             "optimizer_bytes_per_client": opt, "state_bytes_per_client": adapters + opt,
             "max_clients_24gib": clients_within(budget_24, fixed, per_client, g),
             "engine_bytes_per_client": engine_per_client,
-            "engine_max_clients_24gib": clients_within(budget_24, fixed, engine_per_client, g)}
+            "engine_max_clients_24gib": clients_within(budget_24, fixed, engine_per_client, g),
+            "lean_engine_bytes_per_client": per_client,
+            "lean_engine_max_clients_24gib": clients_within(budget_24, fixed, per_client, g)}
 
   one = abstract_round(config, base, 1, steps, batch, seq_len, optimizer.adamw(1e-3, 1e-4))
   result = {"model": model, "group_size": g, "shape": {"S": steps, "A": 1, "B": batch, "T": seq_len},

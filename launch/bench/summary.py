@@ -25,9 +25,9 @@ def summary(out: dict) -> None:
     gib24 = out["scale"]["budget_24gib_bytes"] / 2 ** 30
     for moments, fit in out["scale"]["moments"].items():
       print(f"max clients per round, {moments} moments: {fit['max_clients']} here (target >= 1000), "
-            f"{fit['max_clients_24gib']} in {gib24:.1f} GiB of a 24 GiB device ({fit['engine_max_clients_24gib']} "
-            f"with the engine's best and anchor adapters; goal 5,000), {fit['bytes_per_client'] / 1e6:.2f} MB "
-            "per client")
+            f"{fit['max_clients_24gib']} in {gib24:.1f} GiB of a 24 GiB device with the engine's "
+            f"--keep_best=false ({fit['engine_max_clients_24gib']} with its best adapters; goal 5,000), "
+            f"{fit['bytes_per_client'] / 1e6:.2f} MB per client")
   for entry in out.get("original_design", []):
     print(f"original design / ours ({entry['model']}, C={entry['C']}): {entry['ratio']:.1f}x")
   peer = out.get("pytorch_peer")
