@@ -118,6 +118,24 @@ def test_saved_base_loads_back_identically(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, base))
 
 
+def test_item_rows_go_beside_the_adapter(tmp_path):
+  """Trainable item rows (PEFT has no place for them) are written to items.safetensors under our names;
+  the PEFT weights file holds the LoRA factors only."""
+  from safetensors.numpy import load_file
+  config, base, lora = _model()
+  lora["items"] = {"table_id": np.arange(12.0, dtype=np.float32).reshape(3, 4)}
+  path = save_adapter(tmp_path, config.lora, lora, None)
+  np.testing.assert_array_equal(load_file(path / "items.safetensors")["table_id"], lora["items"]["table_id"])
+  assert load_file(path / "adapter_model.safetensors").keys() == peft_state_dict(lora).keys()
+
+
+def test_several_strategies_export_from_their_own_directories(tmp_path):
+  for name in ("fedavg", "fellrec"):
+    (tmp_path / name / "checkpoints").mkdir(parents=True)
+  (tmp_path / "comparison.md").write_text("")
+  assert export.strategy_dirs(tmp_path) == {"fellrec": tmp_path / "fellrec", "fedavg": tmp_path / "fedavg"}
+
+
 def test_export_without_a_checkpoint_names_the_path(tmp_path):
   (tmp_path / "data_stats.json").write_text("{}")
   with pytest.raises(ConfigError, match=f"--workdir={tmp_path} holds no checkpoint: expected {tmp_path}/checkpoints"):
