@@ -87,12 +87,18 @@ def export_base(cfg: RunConfig, config: models.ModelConfig, base, out: Path) -> 
   return str(path.absolute())
 
 
-def export_clients(cfg: RunConfig, model, state: dict, base_path: str, out: Path) -> int:
-  """Writes each client's evaluated adapter (`[C, ...]` leaves of the saved state) to `out/client_<i>` and,
-  with --export_merged, its merged model to `out/client_<i>_merged`. Returns the number of clients."""
-  config, base, _ = model
+def evaluated_adapters(state: dict):
+  """The adapters a run evaluated (`FedState.evaluated_lora`: each client's best, or its last with
+  --keep_best=false) of a state restored as saved, leaves `[C, ...]` as numpy."""
   fields = {f.name: state.get(f.name) for f in dataclasses.fields(engine_lib.FedState)}
-  stacked = jax.tree.map(np.asarray, engine_lib.FedState(**fields).evaluated_lora)
+  return jax.tree.map(np.asarray, engine_lib.FedState(**fields).evaluated_lora)
+
+
+def export_clients(cfg: RunConfig, model, state: dict, base_path: str, out: Path) -> int:
+  """Writes each client's evaluated adapter to `out/client_<i>` and, with --export_merged, its merged model
+  to `out/client_<i>_merged`. Returns the number of clients."""
+  config, base, _ = model
+  stacked = evaluated_adapters(state)
   num_clients = len(jax.tree.leaves(stacked)[0])
   for c in range(num_clients):
     lora = jax.tree.map(lambda x: x[c], stacked)

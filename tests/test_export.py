@@ -136,6 +136,21 @@ def test_several_strategies_export_from_their_own_directories(tmp_path):
   assert export.strategy_dirs(tmp_path) == {"fellrec": tmp_path / "fellrec", "fedavg": tmp_path / "fedavg"}
 
 
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_a_checkpoint_restores_without_a_template(tmp_path, keep_best):
+  """Export has no engine to build a template state from: the saved FedState comes back as nested dicts,
+  and its evaluated adapters are the best ones, or the last with --keep_best=false (best_lora None)."""
+  from fellrec_jax import checkpoint
+  from federated.engine import FedState
+  lora = {"blocks": {"q": {"a_ir": np.ones((2, 1, 4, 2), np.float32), "b_ro": np.zeros((2, 1, 2, 4), np.float32)}}}
+  best = jax.tree.map(lambda x: x + 1, lora) if keep_best else None
+  saved = FedState(lora=lora, opt_state={"mu": lora}, best_lora=best, best_valid=np.zeros(2, np.float32))
+  checkpoint.save(checkpoint.manager(tmp_path), 1, saved, {"round": 1})
+  _, state, meta = checkpoint.restore_latest(checkpoint.manager(tmp_path), None)
+  jax.tree.map(np.testing.assert_array_equal, export.evaluated_adapters(state), saved.evaluated_lora)
+  assert meta == {"round": 1}
+
+
 def test_export_without_a_checkpoint_names_the_path(tmp_path):
   (tmp_path / "data_stats.json").write_text("{}")
   with pytest.raises(ConfigError, match=f"--workdir={tmp_path} holds no checkpoint: expected {tmp_path}/checkpoints"):
@@ -168,7 +183,7 @@ def test_export_mode_end_to_end(tmp_path):
   cfg = export.trained_config(meta["config"], RunConfig(mode="export", workdir=str(workdir)))
   config, base, _ = export.rebuild_model(cfg)
   for c in range(2):
-    lora = jax.tree.map(lambda x: np.asarray(x[c]), state["best_lora"])
+    lora = jax.tree.map(lambda x: x[c], export.evaluated_adapters(state))
     assert np.abs(lora["blocks"]["q"]["b_ro"]).max() > 0  # trained: the check below sees the adapter
     out = workdir / "export"
     with_adapter, merged = _peft_and_merged(out / "base", out / f"client_{c}", out / f"client_{c}_merged")
