@@ -1,6 +1,7 @@
 """Export to Hugging Face formats: PEFT loads a client's exported adapter onto transformers' model of the
 exported base and computes our logits; the merged model alone does too; `--mode=export` end to end."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,11 +107,13 @@ def test_a_wrong_adapter_fails_the_comparison(tmp_path):
 
 
 def test_saved_base_loads_back_identically(tmp_path):
-  """`save_hf_dir` is `load_hf_dir`'s inverse: same shapes-deciding config, same weights."""
-  for overrides in ({}, dict(tie_embeddings=False, qkv_bias=True, rope_scaling=LLAMA3_ROPE)):
+  """`save_hf_dir` is `load_hf_dir`'s inverse: same shapes-deciding config, same weights (bfloat16 too)."""
+  for overrides in ({}, dict(tie_embeddings=False, qkv_bias=True, rope_scaling=LLAMA3_ROPE),
+                    dict(param_dtype="bfloat16", compute_dtype="bfloat16")):
     config, base, _ = _model(**overrides)
     path = save_hf_dir(tmp_path / str(len(overrides)), config, base)
-    loaded_config, loaded, _ = models.load_hf_dir(path)
+    loaded_config, loaded, _ = models.load_hf_dir(path, dtype=config.param_dtype)
+    assert json.loads((path / "config.json").read_text())["dtype"] == config.param_dtype
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "intermediate_size", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings", "qkv_bias",
                   "max_positions", "bos_id", "eos_id", "pad_id"):
