@@ -37,7 +37,8 @@ def _model(**overrides):
   return config, base, lora
 
 
-def _ours(config, base, lora=None) -> np.ndarray:
+def _ours(config, base, lora=None) -> tuple[np.ndarray, np.ndarray]:
+  """`(ids [B, T], our logits [B, T, V])` on fixed random tokens under MASK_BT."""
   ids = np.random.default_rng(1).integers(0, config.vocab_size, MASK_BT.shape).astype(np.int32)
   return ids, np.asarray(models.apply(config, base, ids, MASK_BT, lora=lora))
 
