@@ -27,16 +27,16 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
   mngr.wait_until_finished()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like_state: Any,
+def restore_latest(mngr: ocp.CheckpointManager, like_state: Any | None,
                    check_meta: Callable[[dict], None] = lambda meta: None) -> tuple[int, Any, dict] | None:
   """`(step, state, meta)` of the newest readable checkpoint, restored with `like_state`'s shapes and
-  shardings; None when there is none.
+  shardings; None when there is none. Without `like_state` (a reader that has no engine to build one,
+  `--mode=export`) the state comes back as saved, as nested dicts of arrays on one device.
 
   Each checkpoint's metadata is read first and passed to `check_meta`, which raises when the checkpoint
   belongs to another configuration (that error propagates: an older checkpoint would not fit either).
   A checkpoint that cannot be read is reported in one line and the next older one is tried.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
   steps = sorted(mngr.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     try:
@@ -46,12 +46,22 @@ def restore_latest(mngr: ocp.CheckpointManager, like_state: Any,
       continue
     check_meta(meta)
     try:
+      abstract = (_saved_layout(mngr, step) if like_state is None
+                  else jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state))
       state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:  # noqa: BLE001
       _report_unreadable(mngr, step, e, steps[i + 1:])
       continue
     return step, state, meta
   return None
+
+
+def _saved_layout(mngr: ocp.CheckpointManager, step: int) -> Any:
+  """The saved state's tree of `ShapeDtypeStruct`s placed on one device: whatever mesh wrote it, this
+  process can read it back whole."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                      mngr.item_metadata(step)["state"])
 
 
 def _report_unreadable(mngr: ocp.CheckpointManager, step: int, error: Exception, older: list[int]) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 # checks in `RunConfig.__post_init__` are derived from the types (`options`).
 Strategy = Literal["fellrec", "fedavg", "fedprox", "local", "centralized"]
 Baseline = Literal["item_knn", "sasrec"]  # conventional reference rows; most-popular is always computed
-Mode = Literal["train", "prepare", "resources", "attack"]
+Mode = Literal["train", "prepare", "resources", "attack", "export"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # parameter and compute dtypes
 Decoding = Literal["l2", "constrained"]  # generative: BIGRec's L2 grounding, or beams in the catalogue trie
 MomentsDtype = Literal["float32", "bfloat16"]  # AdamW's mu and nu as stored (math in fp32)
@@ -137,6 +137,7 @@ class RunConfig:
   prompt: Literal["alpaca", "compact", "sequence"] = "alpaca"  # examples.PROMPTS
   max_new_tokens: int = 32
   profile_rounds: tuple[int, ...] = ()  # 0-based rounds traced with jax.profiler into <workdir>/profile
+  export_merged: bool = False  # --mode=export: also each client's base with its adapter folded in
   # scale-out
   mesh_clients: int | None = None
   mesh_model: int = 1
@@ -223,6 +224,7 @@ class RunConfig:
          f"--decoding=constrained ranks the {self.num_beams} finished beams: give --num_beams >= max(--metric_ks)"
          f" = {max(self.metric_ks)}, or lower --metric_ks")
     need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    need(not self.export_merged or self.mode == "export", "export_merged", "applies to --mode=export only")
     need(self.warm_start_steps >= 0, "warm_start_steps", "must be >= 0")
     need(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
     need(self.max_train_samples is None or self.max_train_samples >= 1, "max_train_samples",
@@ -258,7 +260,7 @@ class RunConfig:
 # What a resumed run may change: these settings do not alter what is trained (evaluation after training,
 # logging, file locations, memory layout).
 RESUME_FREE = ("workdir", "data_dir", "mode", "strategies", "baselines", "eval_batch_size", "metric_ks", "decoding",
-               "num_beams", "max_new_tokens", "checkpoint_every", "profile_rounds", "client_group_size",
+               "num_beams", "max_new_tokens", "checkpoint_every", "profile_rounds", "export_merged", "client_group_size",
                "mesh_clients", "mesh_model")
 
 

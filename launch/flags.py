@@ -13,7 +13,10 @@ from fellrec_jax.config import STRATEGIES, ConfigError, RunConfig, option_fields
 HELP = {
     "mode": "train: run the strategies; prepare: only load/split/partition the data and write data_stats.json; "
             "resources: client/server parameters, memory, FLOPs and traffic across --split_k (resources.json); "
-            "attack: invert the activations the server sees at each --split_k (attack.json, attack.png).",
+            "attack: invert the activations the server sees at each --split_k (attack.json, attack.png); "
+            "export: each client's evaluated adapter of the run in --workdir as a PEFT adapter directory "
+            "(<workdir>/export/client_<i>), the base in transformers' layout where it was not one already "
+            "(export/base), settings read from the run's checkpoint.",
     "workdir": "Output directory (results.json, metrics.jsonl, checkpoints); a run resumes from its checkpoints.",
     "seed": "Seed for data generation, partition, adapter init, sampling and dropout.",
     "strategies": f"Comma list of strategies to run on the same data and budget: {','.join(STRATEGIES)}.",
@@ -129,6 +132,8 @@ HELP = {
     "profile_rounds": "Comma list of 0-based rounds to trace with jax.profiler into the run's profile/ folder "
                       "(<workdir>/profile, or <workdir>/<strategy>/profile with several strategies; view "
                       "with xprof or TensorBoard's profile plugin).",
+    "export_merged": "--mode=export: also write each client's base with its adapter folded in, a transformers "
+                     "model directory of its own (export/client_<i>_merged).",
     "mesh_clients": "Devices on the mesh's clients axis (default: all devices / mesh_model).",
     "mesh_model": "Devices on the mesh's model axis (the shared base weights are split over it).",
 }

@@ -54,6 +54,10 @@ def run(cfg) -> None:
     (resources if cfg.mode == "resources" else attack).run(cfg, list(cfg.explicit_cuts) or None)
     print(f"results are in {Path(cfg.workdir).absolute()}")
     return
+  if cfg.mode == "export":
+    from launch import export
+    print(f"exported to {export.run(cfg).absolute()}")
+    return
   if cfg.mode == "prepare":
     _, stats = experiment.prepare(cfg)
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)

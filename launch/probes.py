@@ -98,6 +98,8 @@ PROBES = [
     Probe("learning rate 1e30", ["--learning_rate=1e30", "--warm_start_steps=100"], "--learning_rate", warns=True),
     Probe("learning rate 1e4 (collapse)", ["--learning_rate=1e4", "--warm_start_steps=100"], "--learning_rate",
           warns=True),
+    Probe("export without a checkpoint", ["--mode=export", "--workdir={d}/none"],
+          "--workdir={d}/none holds no checkpoint"),
     Probe("workdir under a file", ["--workdir={d}/file/w"], "--workdir={d}/file/w cannot be created",
           {"file": "not a directory"}),
 ]

@@ -73,6 +73,46 @@ def decoder_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndar
   return state
 
 
+def decoder_hf_config(config: ModelConfig) -> dict:
+  """Our decoder's config.json in transformers' layout (`hf_config`'s inverse): Llama, or Qwen2 when the
+  q/k/v projections carry biases. Mistral checkpoints come back as Llama: we never apply the sliding window,
+  so the same weights compute the same function. The rotary settings are written under both transformers 5's
+  `rope_parameters` and transformers 4's `rope_theta`/`rope_scaling`, so either version reads the same."""
+  if config.arch != "llama":
+    raise ValueError(f"decoder_hf_config needs a decoder, got arch={config.arch!r}")
+  rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+  if config.rope_scaling is not None:
+    factor, low, high, original = config.rope_scaling
+    rope |= {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+             "original_max_position_embeddings": original}
+  model_type = "qwen2" if config.qkv_bias else "llama"
+  return {"architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"], "model_type": model_type,
+          "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+          "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+          "head_dim": config.head_dim, "hidden_act": "silu", "rms_norm_eps": config.norm_eps,
+          "max_position_embeddings": config.max_positions, "tie_word_embeddings": config.tie_embeddings,
+          "attention_bias": False, "mlp_bias": False, "bos_token_id": config.bos_id, "eos_token_id": config.eos_id,
+          "pad_token_id": config.pad_id, "rope_parameters": rope, "rope_theta": config.rope_theta,
+          "rope_scaling": None if config.rope_scaling is None else rope, "dtype": config.param_dtype}
+
+
+def save_hf_dir(path: str | pathlib.Path, config: ModelConfig, params: Params) -> pathlib.Path:
+  """Writes our decoder as a transformers model directory, `load_hf_dir`'s inverse: `config.json`
+  (`decoder_hf_config`) and `model.safetensors` (`decoder_state_dict`; a tied model without `lm_head.weight`,
+  as transformers saves it). Returns the directory."""
+  from safetensors.numpy import save_file
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  state = decoder_state_dict(config, params)
+  if config.tie_embeddings:
+    del state["lm_head.weight"]
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path / "model.safetensors"),
+            metadata={"format": "pt"})  # transformers refuses safetensors files without a format
+  (path / "config.json").write_text(json.dumps(decoder_hf_config(config), indent=1))
+  return path
+
+
 def hf_config(raw: dict, *, dtype: str = "float32") -> ModelConfig:
   """ModelConfig from a config.json dict (transformers 4 or 5 field names)."""
   model_type = raw.get("model_type")

@@ -37,12 +37,11 @@ from absl import logging
 
 from launch.bench.fixtures import Round, local_update, make_round, smollm2_config
 from launch.bench.measure import Table, interleaved_seconds, jaxpr_flops
+from models.peft_export import PEFT_MODULES, peft_state_dict
 
 # clients, samples per client, tokens per sample, micro-batch (local steps = samples / micro-batch)
 WORKLOADS = {"tiny": dict(clients=16, samples=8, seq_len=64, micro_batch=4),
              "smollm2": dict(clients=4, samples=4, seq_len=128, micro_batch=4)}
-PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-                "down": "down_proj"}
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)  # optax.adamw(1e-3)'s defaults
 LOSS_RTOL = 1e-4
 METHOD = ("interleaved ours/peer calls (A B A B ...) after one warm-up each, each timed call after an untimed "
@@ -86,16 +85,11 @@ def peer_model(config, base):
   import peft
   import torch
   import transformers
-  from models.hf_checkpoint import decoder_state_dict
+  from models.hf_checkpoint import decoder_hf_config, decoder_state_dict
   if config.arch != "llama" or config.rope_scaling is not None or config.qkv_bias or config.compute_dtype != "float32":
     raise ValueError("the PyTorch peer mirrors plain fp32 Llama decoders only")
-  hf_config = transformers.LlamaConfig(
-      vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-      num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
-      rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-      max_position_embeddings=config.max_positions, tie_word_embeddings=config.tie_embeddings,
-      pad_token_id=config.pad_id, use_cache=False, attn_implementation="sdpa")
+  hf_config = transformers.LlamaConfig.from_dict(decoder_hf_config(config), use_cache=False,
+                                                 attn_implementation="sdpa")
   model = transformers.LlamaForCausalLM(hf_config)
   state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in decoder_state_dict(config, base).items()}
   model.load_state_dict(state, strict=True)
@@ -103,26 +97,6 @@ def peer_model(config, base):
   return peft.get_peft_model(model, peft.LoraConfig(
       r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
       target_modules=[PEFT_MODULES[t] for t in lora.targets]))
-
-
-def peft_name(target: str, layer: int, factor: str) -> str:
-  """PEFT's parameter name of one block's LoRA factor ("A" or "B") on `target` ("q", "v", ...)."""
-  group = "self_attn" if target in ("q", "k", "v", "o") else "mlp"
-  return f"base_model.model.model.layers.{layer}.{group}.{PEFT_MODULES[target]}.lora_{factor}.default.weight"
-
-
-def peft_adapters(lora) -> dict:
-  """Our adapters `{"blocks": {t: {"a_ir": [..., L, in, r], "b_ro": [..., L, r, out]}}}` (any leading axes,
-  e.g. clients) as PEFT's numpy tensors: lora_A `[..., r, in]` = a_ir[..., l, :, :].T, lora_B `[..., out, r]`
-  = b_ro[..., l, :, :].T. Both scale the product by alpha / r."""
-  import numpy as np
-  out = {}
-  for target, ab in lora["blocks"].items():
-    a, b = np.asarray(ab["a_ir"], np.float32), np.asarray(ab["b_ro"], np.float32)
-    for layer in range(a.shape[-3]):
-      out[peft_name(target, layer, "A")] = np.ascontiguousarray(np.swapaxes(a[..., layer, :, :], -1, -2))
-      out[peft_name(target, layer, "B")] = np.ascontiguousarray(np.swapaxes(b[..., layer, :, :], -1, -2))
-  return out
 
 
 def peer_batches(batches: dict) -> list[list[dict]]:
@@ -164,7 +138,7 @@ def make_peer(rnd: Round) -> Peer:
   import torch
   model = peer_model(rnd.config, rnd.base)
   trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-  stacks = peft_adapters(rnd.lora)
+  stacks = peft_state_dict(rnd.lora, "default")
   if set(trainable) != set(stacks):
     raise ValueError(f"PEFT's adapters {sorted(trainable)[:2]}... do not match ours {sorted(stacks)[:2]}...")
   names, params = list(trainable), list(trainable.values())
@@ -284,7 +258,7 @@ def first_losses(rnd: Round, peer: Peer) -> tuple[float, float]:
   batch = jax.tree.map(lambda x: x[0, 0, 0], rnd.batches)
   spec = client.LocalSpec(rnd.config)
   loss_sum, count = jax.jit(lambda base, lp, b: client.forward_loss(spec, base, lp, b))(rnd.base, lora, batch)
-  stacks = peft_adapters(lora)
+  stacks = peft_state_dict(lora, "default")
   set_adapters(peer, [torch.from_numpy(stacks[name]) for name in peer.names])
   peer.model.eval()  # no LoRA dropout
   with torch.no_grad():
