@@ -66,6 +66,11 @@ class CutDefense:
     return self.noise > 0 or self.clip is not None or self.private_response
 
 
+def defense_of(cfg) -> CutDefense:
+  """The defense a `RunConfig`'s `--cut_*` and `--private_response` flags ask for."""
+  return CutDefense(cfg.cut_noise, cfg.cut_clip, cfg.cut_nopeek, cfg.private_response)
+
+
 def clip_tokens(act_btd: jax.Array, clip: float) -> jax.Array:
   """`act_btd` with every token's vector scaled to L2 norm <= clip."""
   norm = jnp.linalg.norm(act_btd.astype(jnp.float32), axis=-1, keepdims=True)
