@@ -45,7 +45,7 @@ def option_fields() -> dict[str, tuple[str, ...]]:
 
 
 # The defenses `--attack_sweep` varies (a bool flag is on for a value != 0).
-SWEEPABLE = ("cut_noise", "cut_clip", "cut_nopeek", "private_response")
+SWEEPABLE = ("cut_noise", "cut_clip", "cut_nopeek", "private_response", "loss_upload_noise", "loss_upload_step")
 
 
 def _is_number(text: str) -> bool:

@@ -114,7 +114,8 @@ HELP = {
                          "input); not accounted as differential privacy.",
     "loss_upload_step": "Uploaded training losses are rounded to multiples of this (after --loss_upload_noise).",
     "attack_sweep": "--mode=attack: comma list of defense settings flag=value (cut_noise, cut_clip, cut_nopeek, "
-                    "private_response) each trained and attacked beside the undefended run; attack.json['curve'].",
+                    "private_response, loss_upload_noise, loss_upload_step), each trained (the first of "
+                    "--strategies) and attacked at each --split_k beside an undefended run; attack.json['curve'].",
     "dp_clip": "Differential privacy: L2 bound on each client's per-round adapter update; unset disables DP.",
     "dp_noise_multiplier": "Gaussian noise std / --dp_clip added to each clipped update before aggregation.",
     "dp_delta": "delta of the reported epsilon (default min(1e-5, 1/(10 num_clients))).",
