@@ -184,9 +184,9 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
   """Loss sum, token count, trainable grads and cut traffic of one micro-batch through the real split.
 
   A trainable item table and item-ID embeddings (`lora["items"]`) act on the client tail: their gradients
-  never cross the cut.
-  Returns `(loss_sum, count, grads,
-  traffic)` with `traffic = {"up": bytes client->server, "down": bytes server->client}`.
+  never cross the cut. `spec.defense` changes what the server receives (`federated.cut_defense.through_cut`).
+  Returns `(loss_sum, count, grads, traffic)` with `traffic = {"up": bytes client->server, "down": bytes
+  server->client}`.
   """
   cfg, k, defense = spec.config, spec.split_k, spec.defense
   lora_head, lora_body, lora_tail = models.split(cfg, lora, k)

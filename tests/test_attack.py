@@ -2,6 +2,7 @@
 less so the deeper the cut."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +239,27 @@ def test_large_cut_noise_holds_the_inverter_under_the_fano_bound(warm_tiny):
   assert clean["learned"]["history_token_accuracy"][0] >= 0.6
   assert noised["learned"]["history_token_accuracy"][0] <= bound
   assert noised["nearest"]["history_token_accuracy"][0] <= bound
+
+
+@pytest.mark.slow  # three short federated runs and their attacks
+def test_attack_curve_trains_and_attacks_each_setting(tmp_path):
+  """`--mode=attack --attack_sweep`: a row per setting with the issue's fields, the undefended reference
+  first; heavy noise hides the history titles, the private response hides the label, and both files exist."""
+  from launch import attack as launch_attack
+
+  cfg = RunConfig(mode="attack", partition="random", bpr_steps=10, warm_start_steps=WARM_STEPS, num_clients=2,
+                  rounds=1, max_train_samples=48, max_eval_users=4, batch_size=8, split_k=(1,), baselines=(),
+                  max_new_tokens=8, attack_sweep=("cut_noise=16", "private_response=1"), workdir=str(tmp_path))
+  result = launch_attack.run(cfg, [1], num_victims=24, num_public=300, inverter_steps=200, inverter_hidden=256)
+  rows = result["curve"]
+  assert [(r["defense"], r["strength"], r["split_k"]) for r in rows] == [
+      ("none", 0.0, 1), ("cut_noise", 16.0, 1), ("private_response", 1.0, 1)]
+  fields = {"defense", "strength", "split_k", "inverter_token_recovery", "nearest_token_recovery",
+            "title_token_recovery", "label_recovery", "valid_loss", "ndcg@10"}
+  assert all(fields <= set(r) and np.isfinite(r["valid_loss"]) for r in rows)
+  none, noise, private = rows
+  assert none["title_token_recovery"] >= 0.6 and none["label_recovery"] >= 0.5
+  assert noise["title_token_recovery"] <= 0.3 and noise["inverter_token_recovery"] < none["inverter_token_recovery"]
+  assert private["label_recovery"] == 0.0
+  assert json.loads((tmp_path / "attack.json").read_text())["curve"] == json.loads(json.dumps(rows))
+  assert (tmp_path / "attack_curve.png").stat().st_size > 0
