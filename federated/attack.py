@@ -16,8 +16,12 @@ Attacks:
       and fits a per-position MLP decoder `act_t -> token_t` with optax. Its output vocabulary is the
       set of tokens seen in that public text (the server knows what the prompts can contain).
 Adapters: the victims' activations are produced with `victim_lora` (default none = fresh adapters,
-whose B = 0 leaves the base function unchanged). Trained head adapters shift activations away from
-what the server trained on, which can only lower (b)'s accuracy a little; the test uses fresh ones.
+whose B = 0 leaves the base function unchanged). The server aggregates the adapters, head blocks
+included, so it renders its public prompts through the same head adapters.
+Defenses (`federated.cut_defense`): the victims' activations reach the server as `to_server` makes
+them (clipped, noised, response positions zeroed and masked); the server knows the mechanism and its
+setting, so it trains its inverter on public activations passed through the same defense (fresh noise).
+Positions the server is not sent (mask 0) count as not recovered.
 
 Metrics (over the victims' prompts):
   token_accuracy: recovered tokens / prompt tokens (bos + prompt, padding excluded).
@@ -41,6 +45,7 @@ import optax
 
 import models
 from fellrec_jax.data import examples, tokenization
+from federated.cut_defense import CutDefense, to_server
 from models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -155,6 +160,17 @@ def cut_activations(config: ModelConfig, base: Params, ids: np.ndarray, mask: np
   return np.concatenate(out)
 
 
+def server_view(defense: CutDefense, act_ntd: np.ndarray, prompts: PromptSet, key: jax.Array,
+                *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """`(act [N, T, D], mask [N, T])` as the server receives them under `defense`: with a private response
+  only the prompt positions (`prompts.prompt_mask`) are sent."""
+  visible = prompts.prompt_mask.astype(np.int32) if defense.private_response else prompts.mask
+  send = jax.jit(lambda a, v, k: to_server(defense, a, v, k))
+  out = [np.asarray(send(act_ntd[s:s + batch_size], visible[s:s + batch_size], jax.random.fold_in(key, s)))
+         for s in range(0, act_ntd.shape[0], batch_size)]
+  return np.concatenate(out), visible * prompts.mask
+
+
 # ----------------------------------------------------------------------------- (a) nearest embedding
 
 def nearest_embedding(table_vd: jax.Array, act_ntd: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
@@ -225,9 +241,10 @@ def train_inverter(act_ntd: np.ndarray, ids_nt: np.ndarray, mask_nt: np.ndarray,
 
 # ----------------------------------------------------------------------------- metrics
 
-def recovery(pred_nt: np.ndarray, prompts: PromptSet) -> dict[str, float]:
-  """Token accuracy over prompt tokens and history-title tokens; exact title and target recovery."""
-  hit = pred_nt == prompts.ids
+def recovery(pred_nt: np.ndarray, prompts: PromptSet, seen_nt: np.ndarray | None = None) -> dict[str, float]:
+  """Token accuracy over prompt tokens and history-title tokens; exact title and target recovery.
+  Positions outside `seen_nt` (what the server was sent; default all) are not recovered."""
+  hit = (pred_nt == prompts.ids) & (prompts.mask > 0 if seen_nt is None else seen_nt > 0)
   title_ok, title_tok, target_ok = [], [], []
   for row, spans in enumerate(prompts.title_spans):
     for a, b in spans:
@@ -255,24 +272,28 @@ def logit_argmax_target_accuracy(config: ModelConfig, base: Params, prompts: Pro
 
 def attack_at_k(config: ModelConfig, base: Params, k: int, victims: PromptSet, public: PromptSet, *,
                 victim_lora: Params | None = None, inverter_steps: int = 400, inverter_hidden: int = 512,
-                seed: int = 0) -> dict[str, Any]:
-  """Both attacks at cut k; the reported `token_accuracy` etc. are those of the stronger one per metric."""
-  act_victims = cut_activations(config, base, victims.ids, victims.mask, k, lora=victim_lora)
-  nearest = recovery(nearest_embedding(base["embed"]["table_vd"], act_victims), victims)
-  act_public = cut_activations(config, base, public.ids, public.mask, k)
-  inverter = train_inverter(act_public, public.ids, public.mask, hidden=inverter_hidden, steps=inverter_steps,
+                seed: int = 0, defense: CutDefense = CutDefense()) -> dict[str, Any]:
+  """Both attacks at cut k under `defense`; the reported `token_accuracy` etc. are those of the stronger
+  one per metric."""
+  key_victims, key_public = jax.random.split(jax.random.key(seed + 7919))
+  act_victims, seen = server_view(defense, cut_activations(config, base, victims.ids, victims.mask, k,
+                                                           lora=victim_lora), victims, key_victims)
+  nearest = recovery(nearest_embedding(base["embed"]["table_vd"], act_victims), victims, seen)
+  act_public, seen_public = server_view(defense, cut_activations(config, base, public.ids, public.mask, k,
+                                                                 lora=victim_lora), public, key_public)
+  inverter = train_inverter(act_public, public.ids, seen_public, hidden=inverter_hidden, steps=inverter_steps,
                             seed=seed)
-  learned = recovery(inverter.predict(act_victims), victims)
+  learned = recovery(inverter.predict(act_victims), victims, seen)
   best = {m: max(nearest[m], learned[m]) for m in nearest}
   return {"k": k, **best, "nearest": nearest, "learned": learned}
 
 
 def run_attack(config: ModelConfig, base: Params, ks: Sequence[int], victims: PromptSet, public: PromptSet, *,
                victim_lora: Params | None = None, inverter_steps: int = 400, inverter_hidden: int = 512,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, defense: CutDefense = CutDefense()) -> dict[str, Any]:
   """`attack.json`'s content: per-k lists of every metric, both attacks, and the tail-offload numbers."""
   per_k = [attack_at_k(config, base, k, victims, public, victim_lora=victim_lora, inverter_steps=inverter_steps,
-                       inverter_hidden=inverter_hidden, seed=seed) for k in ks]
+                       inverter_hidden=inverter_hidden, seed=seed, defense=defense) for k in ks]
   metrics = ("token_accuracy", "history_token_accuracy", "title_recovery", "target_recovery")
   out: dict[str, Any] = {"k": list(ks)}
   for m in metrics:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import models
+from federated.cut_defense import CutDefense, sequence_dcor, through_cut, visible_positions
 from federated.losses import generative_loss, model_outputs
 from models.config import ModelConfig
 
@@ -55,6 +56,7 @@ class LocalSpec:
     trainable item-ID embedding `trainable["items"]["embed_id"]` (`tail_input`), if the client has one,
     is added where the client tail starts: the last block sees which items these are, not only what
     their titles say, and the head stays constant.
+  defense: what the client does at the cut (noise, NoPeek, private response; `federated.cut_defense`).
   """
 
   config: ModelConfig
@@ -63,6 +65,7 @@ class LocalSpec:
   hidden: bool = False
   item_side: str | None = None
   item_tokens: bool = False
+  defense: CutDefense = CutDefense()
 
   def __post_init__(self):
     if self.server_lora not in ("per_client", "frozen"):
@@ -156,8 +159,9 @@ def split_segments(spec: LocalSpec, segments: tuple[PyTree, PyTree, PyTree], bat
     return models.client_head(cfg, model_params(spec, head, frozen), batch["input_ids"], mask, lora=lora_head,
                               rng=rngs[0])
 
-  def body_fn(lora_body, act_up):
-    return models.server_body(cfg, body, act_up, mask, lora=lora_body if per_client else None,
+  def body_fn(lora_body, act_up, server_mask=None):  # server_mask: the positions it gets (private response)
+    return models.server_body(cfg, body, act_up, mask if server_mask is None else server_mask,
+                              lora=lora_body if per_client else None,
                               rng=rngs[1] if per_client else None)
 
   def tail_fn(lora_tail, act_down, items):
@@ -181,35 +185,44 @@ def split_value_and_grad(spec: LocalSpec, base: PyTree, lora: PyTree, batch: Bat
   """Loss sum, token count, trainable grads and cut traffic of one micro-batch through the real split.
 
   A trainable item table and item-ID embeddings (`lora["items"]`) act on the client tail: their gradients
-  never cross the cut.
-  Returns `(loss_sum, count, grads,
-  traffic)` with `traffic = {"up": bytes client->server, "down": bytes server->client}`.
+  never cross the cut. `spec.defense` changes what the server receives (`federated.cut_defense.through_cut`).
+  Returns `(loss_sum, count, grads, traffic)` with `traffic = {"up": bytes client->server, "down": bytes
+  server->client}`.
   """
-  cfg, k = spec.config, spec.split_k
+  cfg, k, defense = spec.config, spec.split_k, spec.defense
   lora_head, lora_body, lora_tail = models.split(cfg, lora, k)
   items = lora.get("items")  # a trainable item table scores on the client tail only
   rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
-  head_fn, body_fn, tail_fn = split_segments(spec, models.split(cfg, base, k), batch, base_items=base.get("items"),
-                                             rngs=rngs, loss_fn=loss_fn)
+  segments = models.split(cfg, base, k)
+  head_fn, body_fn, tail_fn = split_segments(spec, segments, batch, base_items=base.get("items"), rngs=rngs,
+                                             loss_fn=loss_fn)
   # A client head without adapters (`--cache_head`): its activations were computed once, and nothing
   # below the cut trains, so the server sends no activation gradient down.
   cached_head = "head_act" in batch
   if cached_head:
     act_up = batch["head_act"]
-    act_down, lora_body_vjp = jax.vjp(lambda lb: body_fn(lb, act_up), lora_body)
-    body_vjp = lambda g: (*lora_body_vjp(g), None)
   else:
     act_up, head_vjp = jax.vjp(head_fn, lora_head)
-    act_down, body_vjp = jax.vjp(body_fn, lora_body, act_up)
+  mask = batch["attention_mask"]
+  visible = visible_positions(mask, batch["target_index"], batch["target_mask"]) if defense.private_response else None
+  act_down, body_vjp, sent, server_out = through_cut(
+      defense, body_fn, lambda a: models.client_body_copy(cfg, segments[1], a, mask), lora_body, act_up, visible, rng)
   loss_sum, tail_vjp, count = jax.vjp(tail_fn, lora_tail, act_down, items, has_aux=True)
 
   grad_tail, grad_down, items_tail = tail_vjp(jnp.ones_like(loss_sum))
-  grad_body, grad_up = body_vjp(grad_down)
-  grad_head = jax.tree.map(jnp.zeros_like, lora_head) if cached_head else head_vjp(grad_up)[0]
+  grad_body, grad_up, grad_server = body_vjp(grad_down)
+  if cached_head:
+    grad_head, grad_up = jax.tree.map(jnp.zeros_like, lora_head), None
+  else:
+    grad_act = grad_up
+    if defense.nopeek > 0:  # w * dCor per target token: `make_local_update` divides the grads by the count
+      emb = models.embed(cfg, model_params(spec, segments[0], base), batch["input_ids"])
+      grad_act = grad_act + jax.vjp(lambda a: sequence_dcor(emb, a, mask), act_up)[1](defense.nopeek * count)[0]
+    grad_head = head_vjp(grad_act)[0]
   grads = _concat_layers(grad_head, grad_body, grad_tail)
   if items is not None:
     grads["items"] = items_tail
-  return loss_sum, count, grads, cut_traffic(act_up, act_down, grad_down, grad_up)
+  return loss_sum, count, grads, cut_traffic(sent, server_out, grad_server, grad_up)
 
 
 def forward_loss(spec: LocalSpec, base: PyTree, trainable: PyTree, batch: Batch, rng=None, loss_fn=generative_loss):

@@ -23,7 +23,7 @@ from fellrec_jax import checkpoint, privacy, sharding
 from fellrec_jax import config as config_lib
 from fellrec_jax.config import ConfigError, Diverged, RunConfig
 from fellrec_jax.data import pipeline
-from federated import client, losses, optimizer, round_memory, strategies
+from federated import client, cut_defense, losses, optimizer, round_memory, strategies
 
 PyTree = Any
 
@@ -159,7 +159,8 @@ class Engine:
   def spec(self, k: int | None) -> client.LocalSpec:
     """The local step of a client cut at k (None: unsplit)."""
     return client.LocalSpec(self.model_config, split_k=k, server_lora=self.cfg.server_lora, hidden=self.hidden,
-                            item_side=self.item_side, item_tokens=self.item_tokens)
+                            item_side=self.item_side, item_tokens=self.item_tokens,
+                            defense=cut_defense.defense_of(self.cfg))
 
   # ------------------------------------------------------------------ state
 
@@ -329,7 +330,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
     state, stats = engine.local_training(state, batches, round_key)
     stats = sharding.to_host(stats)
     train_seconds = time.perf_counter() - train_start
-    losses = stats["loss"]
+    losses = privacy.uploaded_losses(stats["loss"], jax.random.fold_in(round_key, 2), cfg.loss_upload_noise,
+                                     cfg.loss_upload_step)  # what the warm weights see
     dp_norms = None
     if cfg.dp_clip is not None:  # clients upload clipped, noised updates; aggregation only sees those
       lora, dp_norms = engine.privatize(state.lora, anchor, jax.random.fold_in(round_key, 1), cfg.dp_clip,
@@ -345,7 +347,8 @@ def run_rounds(engine: Engine, workdir: str, *, on_round: Callable[[dict], None]
       raise Diverged(f"round {r}: every participating client's training went non-finite (NaN/inf loss, gradients or "
                      f"adapters). Lower --learning_rate (now {cfg.learning_rate:g}); also check --warmup_steps, "
                      f"--server_lr, --fellrec_beta and --dtype (now {cfg.dtype})")
-    log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(losses).tolist(),
+    log = {"round": r, "participating": participating.tolist(), "train_loss": np.asarray(stats["loss"]).tolist(),
+           "uploaded_loss": losses.tolist(),  # the warm weights' input (--loss_upload_noise/_step)
            "bytes_up": float(np.sum(stats["bytes_up"])), "bytes_down": float(np.sum(stats["bytes_down"])),
            "local_steps": np.asarray(stats["steps"]).tolist(), "diverged": diverged.tolist(),
            # the real (unpadded) input tokens every client trained on; the seconds include a first round's compile

@@ -233,9 +233,10 @@ def with_primary_balance(result: dict, metric: str = "ndcg@10") -> dict:
 
 
 def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb: np.ndarray | None,
-                 references: dict[str, dict]) -> dict[str, Any]:
+                 references: dict[str, dict], adapters: dict | None = None) -> dict[str, Any]:
   """Trains one strategy, evaluates each client's best adapter on its test users, writes results.json
-  (with the conventional `references` rows of `reference_rows`)."""
+  (with the conventional `references` rows of `reference_rows`); `adapters["best"]`, when given, receives
+  the evaluated adapters (host arrays, leading clients axis)."""
   config, base, _ = model
   eng = build_engine(cfg, name, prep, model, item_emb)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -271,6 +272,8 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
   best = sharding.to_host(state.evaluated_lora)
   if eng.strategy.pooled:
     best = engine_lib.stack_clients(jax.tree.map(lambda x: x[0], best), prep.num_clients)
+  if adapters is not None:
+    adapters["best"] = best
   test = with_primary_balance(evaluate(cfg, model, best, prep, "test", item_emb))
   logging.info("[%s] test per client:\n%s", name, report.client_table(test))
   by_decoding = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from typing import Literal
@@ -41,6 +42,17 @@ def option_fields() -> dict[str, tuple[str, ...]]:
   """`{field: allowed values}` for every `RunConfig` field typed with a `Literal`."""
   hints = typing.get_type_hints(RunConfig)
   return {f.name: allowed for f in dataclasses.fields(RunConfig) if (allowed := options(hints[f.name]))}
+
+
+# The defenses `--attack_sweep` varies (a bool flag is on for a value != 0).
+SWEEPABLE = ("cut_noise", "cut_clip", "cut_nopeek", "private_response", "loss_upload_noise", "loss_upload_step")
+
+
+def _is_number(text: str) -> bool:
+  try:
+    return math.isfinite(float(text))
+  except ValueError:
+    return False
 
 
 class ConfigError(ValueError):
@@ -109,6 +121,14 @@ class RunConfig:
   split_k: tuple[int, ...] | tuple[str] | None = None  # ("auto",): chosen from client_memory_budget_mb
   server_lora: Literal["per_client", "frozen"] = "per_client"
   client_memory_budget_mb: tuple[float, ...] | None = None
+  # defenses at the cut (federated.cut_defense) and of the uploaded losses
+  cut_noise: float = 0.0  # noise-to-signal ratio of the Gaussian noise on the activations sent up
+  cut_clip: float | None = None  # per-token L2 clip of those activations before the noise
+  cut_nopeek: float = 0.0  # weight of the NoPeek distance-correlation term on the client head's output
+  private_response: bool = False  # the server never receives activations at or after a row's first label
+  loss_upload_noise: float = 0.0  # std of the Gaussian noise on each uploaded training loss
+  loss_upload_step: float | None = None  # uploaded training losses rounded to multiples of this
+  attack_sweep: tuple[str, ...] = ()  # --mode=attack: defense settings "flag=value" to train and attack
   # differential privacy of the uploads
   dp_clip: float | None = None
   dp_noise_multiplier: float = 0.0
@@ -182,6 +202,25 @@ class RunConfig:
     need(self.dp_clip is None or self.dp_clip > 0, "dp_clip", "must be > 0")
     need(self.dp_noise_multiplier >= 0, "dp_noise_multiplier", "must be >= 0")
     need(self.dp_noise_multiplier == 0 or self.dp_clip is not None, "dp_noise_multiplier", "needs --dp_clip")
+    cut = self.split_k is not None or self.mode == "attack"
+    for flag, value in (("cut_noise", self.cut_noise), ("cut_nopeek", self.cut_nopeek)):
+      need(math.isfinite(value) and value >= 0, flag, "must be finite and >= 0")
+      need(value == 0 or cut, flag, "defends the split cut: needs --split_k")
+    need(self.cut_clip is None or self.cut_clip > 0, "cut_clip", "must be > 0")
+    need(self.cut_clip is None or cut, "cut_clip", "defends the split cut: needs --split_k")
+    need(self.cut_nopeek == 0 or not self.cache_head, "cut_nopeek",
+         "trains the client head's adapters, which --cache_head removes")
+    need(not self.private_response or cut, "private_response", "defends the split cut: needs --split_k")
+    need(not self.private_response or (self.task == "generative" and not self.train_on_inputs), "private_response",
+         "hides the response tokens of --task=generative without --train_on_inputs (there, every token is a label)")
+    need(math.isfinite(self.loss_upload_noise) and self.loss_upload_noise >= 0, "loss_upload_noise",
+         "must be finite and >= 0")
+    need(self.loss_upload_step is None or self.loss_upload_step > 0, "loss_upload_step", "must be > 0")
+    for setting in self.attack_sweep:
+      name, _, value = setting.partition("=")
+      need(name in SWEEPABLE, "attack_sweep", f"{setting!r}: expected flag=value with flag one of {SWEEPABLE}")
+      need(_is_number(value), "attack_sweep", f"{setting!r}: the value must be a number")
+    need(not self.attack_sweep or self.mode == "attack", "attack_sweep", "applies to --mode=attack")
     need(self.dp_delta is None or 0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)")
     need(self.dp_accountant in ("rdp", "pld"), "dp_accountant", "expected 'rdp' or 'pld'")
     need(self.server_lora in ("per_client", "frozen"), "server_lora", "expected 'per_client' or 'frozen'")
@@ -230,6 +269,10 @@ class RunConfig:
     need(self.max_train_samples is None or self.max_train_samples >= 1, "max_train_samples",
          "must be >= 1 (unset it to train on every example)")
 
+  def sweep_settings(self) -> list[tuple[str, float]]:
+    """`--attack_sweep` as `(flag, value)` pairs, in order."""
+    return [(name, float(value)) for name, _, value in (s.partition("=") for s in self.attack_sweep)]
+
   @property
   def selection_metric(self) -> str:
     """What picks each client's best adapter: "loss", or a validation metric (default ndcg@10 when
@@ -260,8 +303,8 @@ class RunConfig:
 # What a resumed run may change: these settings do not alter what is trained (evaluation after training,
 # logging, file locations, memory layout).
 RESUME_FREE = ("workdir", "data_dir", "mode", "strategies", "baselines", "eval_batch_size", "metric_ks", "decoding",
-               "num_beams", "max_new_tokens", "checkpoint_every", "profile_rounds", "export_merged", "client_group_size",
-               "mesh_clients", "mesh_model")
+               "num_beams", "max_new_tokens", "checkpoint_every", "profile_rounds", "export_merged",
+               "client_group_size", "mesh_clients", "mesh_model", "attack_sweep")
 
 
 def as_json(cfg: RunConfig) -> dict:
@@ -271,9 +314,10 @@ def as_json(cfg: RunConfig) -> dict:
 
 def resume_changes(saved: dict, cfg: RunConfig) -> tuple[list[str], list[str]]:
   """`(blocking, free)`: `--flag=old -> new` for each setting that differs from a checkpoint's `saved`
-  configuration; `free` ones are in `RESUME_FREE`."""
-  now = as_json(cfg)
+  configuration; `free` ones are in `RESUME_FREE`. A setting the checkpoint predates had its default."""
+  now, defaults = as_json(cfg), as_json(RunConfig())
   show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
-  changes = {k: f"--{k}={show(saved.get(k))} -> {show(now[k])}" for k in now if saved.get(k) != now[k]}
+  changes = {k: f"--{k}={show(saved.get(k, defaults[k]))} -> {show(now[k])}" for k in now
+             if saved.get(k, defaults[k]) != now[k]}
   return ([c for k, c in changes.items() if k not in RESUME_FREE], [c for k, c in changes.items() if k in RESUME_FREE])
 

@@ -18,8 +18,10 @@ see who took part; the server here does see who uploads, so `dp_report` gives bo
 amplification (the guarantee against the server) and with it (against third parties that see only
 the released models). Uses Google's `dp_accounting` (RDP by default, PLD on request).
 
-What this does not cover: the activations crossing the split cut (see `federated.attack`) and the
-per-client training losses that FELLRec's warm weights use are released unprotected.
+What this does not cover: the activations crossing the split cut (see `federated.attack`; defenses
+without a guarantee in `federated.cut_defense`). The per-client training losses that FELLRec's warm
+weights use can be noised and quantised (`uploaded_losses`), also without accounting: a mean token loss
+has no bounded sensitivity unless the per-token losses are clipped, which training does not do.
 
 Pure functions: `clip_update`, `add_noise`, `privatize_update`, `privatize_uploads` are jit-able.
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -80,6 +83,17 @@ def privatize_uploads(stacked_lora: PyTree, anchor_lora: PyTree, rng: jax.Array,
     keep = jnp.asarray(participating, bool)
     out = jax.tree.map(lambda o, x: jnp.where(keep.reshape(-1, *[1] * (x.ndim - 1)), o, x), out, stacked_lora)
   return out, norms
+
+
+def uploaded_losses(losses_c, rng: jax.Array, noise: float, step: float | None) -> np.ndarray:
+  """`[C]` the training losses clients upload: `loss + N(0, noise^2)`, then rounded to a multiple of `step`
+  (`step=None`: not rounded). Unchanged, as float32, when neither applies."""
+  out = np.asarray(losses_c, np.float32)
+  if noise > 0:
+    out = out + noise * np.asarray(jax.random.normal(rng, out.shape, jnp.float32))
+  if step is not None:
+    out = (np.round(out / step) * step).astype(np.float32)
+  return out
 
 
 # ----------------------------------------------------------------------------- accounting

@@ -4,20 +4,31 @@
 warm-started on the public catalogue), samples clients' training prompts as victims, lets the server
 build its own public prompts from the catalogue, runs `federated.attack.run_attack`, and writes
 `<workdir>/attack.json` (`{"k", "token_accuracy", "title_recovery", "target_recovery", ...}`) and
-`<workdir>/attack.png`. Threat model and metrics: `federated.attack`.
+`<workdir>/attack.png`. Threat model and metrics: `federated.attack`. The run's own defense flags
+(`--cut_noise`, ...) apply to what the server receives.
+
+With `--attack_sweep`, each setting (and an undefended reference, "none") is also trained with the
+first of `--strategies` at each cut, and its client 0's evaluated adapters are attacked on client 0's
+prompts: `attack.json["curve"]` gets one row per (setting, k) with the attacks' recovery and the run's
+utility (`curve_row`), and `<workdir>/attack_curve.png` plots privacy against utility.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
 from fellrec_jax.config import RunConfig
-from federated import attack, experiment
+from federated import attack, cut_defense, experiment, representations
+
+NO_DEFENSE = dict(cut_noise=0.0, cut_clip=None, cut_nopeek=0.0, private_response=False, loss_upload_noise=0.0,
+                  loss_upload_step=None)
 
 
 def plot(result: dict[str, Any], path: pathlib.Path, title: str) -> None:
@@ -43,6 +54,81 @@ def plot(result: dict[str, Any], path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+def plot_curve(rows: list[dict], path: pathlib.Path, title: str) -> None:
+  """Privacy (history-title tokens the server recovers) against utility (ndcg@10), one point per row."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for defense in dict.fromkeys(r["defense"] for r in rows):
+    mine = [r for r in rows if r["defense"] == defense]
+    ax.plot([r["title_token_recovery"] for r in mine], [r["ndcg@10"] for r in mine], "*" if defense == "none" else "o",
+            markersize=12 if defense == "none" else 7, label=defense)
+    for r in mine:
+      ax.annotate(f"{r['strength']:g} k={r['split_k']}", (r["title_token_recovery"], r["ndcg@10"]), fontsize=6)
+  ax.set_xlabel("history-title tokens recovered by the server (stronger attack)")
+  ax.set_ylabel("test ndcg@10 of the defended training")
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def setting_config(cfg: RunConfig, flag: str, value: float, k: int, workdir: pathlib.Path) -> RunConfig:
+  """The training run of one curve point: the attack run's settings with `--flag=value` (none: every
+  defense off) at cut k, one strategy, no reference baselines."""
+  defense = NO_DEFENSE if flag == "none" else {flag: bool(value) if flag == "private_response" else value}
+  return dataclasses.replace(cfg, mode="train", attack_sweep=(), split_k=(k,), strategies=cfg.strategies[:1],
+                             baselines=(), workdir=str(workdir), **defense)
+
+
+def curve_row(cfg: RunConfig, flag: str, value: float, k: int, results: dict, attacked: dict) -> dict[str, Any]:
+  """One `attack.json["curve"]` row: recovery by the learned inverter and by nearest embedding (tokens of the
+  prompt), the stronger attack's history-title tokens and exact next-item titles (the label), and the
+  defended run's best mean validation loss, test ndcg@10 and last round's FELLRec warm weights."""
+  valid = [log["valid"]["mean_loss"] for log in results["rounds"] if "valid" in log]
+  return {"defense": flag, "strength": value, "split_k": k,
+          "inverter_token_recovery": attacked["learned"]["token_accuracy"],
+          "nearest_token_recovery": attacked["nearest"]["token_accuracy"],
+          "title_token_recovery": attacked["history_token_accuracy"],
+          "title_recovery": attacked["title_recovery"], "label_recovery": attacked["target_recovery"],
+          "valid_loss": min(valid), "ndcg@10": results["test"]["overall"]["ndcg@10"],
+          "warm_weights": results["rounds"][-1].get("warm_weights"), "learned": attacked["learned"],
+          "nearest": attacked["nearest"], "defense_flags": {f: getattr(cfg, f) for f in NO_DEFENSE}}
+
+
+def run_curve(cfg: RunConfig, ks: list[int], prep, model, public: attack.PromptSet, *, num_victims: int,
+              **attack_kwargs) -> list[dict]:
+  """Trains and attacks every `--attack_sweep` setting and the undefended reference at each cut k."""
+  config, base, tokenizer = model
+  titles = list(prep.titles)
+  own = np.flatnonzero(prep.clients[prep.train.user] == 0)  # client 0's windows: its adapters made them
+  chosen = np.sort(np.random.default_rng(cfg.seed).choice(own, size=min(num_victims, len(own)),
+                                                          replace=False))
+  victims = attack.private_prompts(prep.train.take(chosen), titles, prep.dataset.item_noun, tokenizer,
+                                   cutoff=cfg.cutoff_len)
+  item_emb = (representations.item_embeddings(config, base, tokenizer, titles) if "l2" in cfg.decoding else None)
+  rows = []
+  for k in ks:
+    for flag, value in [("none", 0.0), *cfg.sweep_settings()]:
+      workdir = pathlib.Path(cfg.workdir) / "curve" / f"k{k}_{flag}_{value:g}"
+      run_cfg = setting_config(cfg, flag, value, k, workdir)
+      adapters = {}
+      results = experiment.run_strategy(run_cfg, run_cfg.strategies[0], prep, model, workdir, item_emb, {}, adapters)
+      lora = jax.tree.map(lambda x: x[0], {"blocks": adapters["best"]["blocks"]})
+      attacked = attack.attack_at_k(config, base, k, victims, public, victim_lora=lora, seed=cfg.seed,
+                                    defense=cut_defense.defense_of(run_cfg), **attack_kwargs)
+      rows.append(curve_row(run_cfg, flag, value, k, results, attacked))
+      print(f"k={k} {flag}={value:g}: title tokens {rows[-1]['title_token_recovery']:.3f} (inverter "
+            f"{attacked['learned']['history_token_accuracy']:.3f}), labels {rows[-1]['label_recovery']:.3f}, "
+            f"valid loss {rows[-1]['valid_loss']:.4f}, ndcg@10 {rows[-1]['ndcg@10']:.4f}")
+  return rows
+
+
 def run(cfg: RunConfig, split_ks: list[int] | None, *, num_victims: int = 256, num_public: int = 1000,
         inverter_steps: int = 400, inverter_hidden: int = 512) -> dict[str, Any]:
   prep, _ = experiment.prepare(cfg)
@@ -63,10 +149,14 @@ def run(cfg: RunConfig, split_ks: list[int] | None, *, num_victims: int = 256, n
   logging.info("attack on %s: %d victim prompts (%d titles), %d public prompts, k=%s", cfg.model, len(victims.ids),
                sum(map(len, victims.title_spans)), len(public.ids), ks)
   result = attack.run_attack(config, base, ks, victims, public, inverter_steps=inverter_steps,
-                             inverter_hidden=inverter_hidden, seed=cfg.seed)
+                             inverter_hidden=inverter_hidden, seed=cfg.seed, defense=cut_defense.defense_of(cfg))
   result |= {"model": cfg.model, "dataset": cfg.dataset, "num_layers": config.num_layers}
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if cfg.attack_sweep:
+    result["curve"] = run_curve(cfg, ks, prep, (config, base, tokenizer), public, num_victims=num_victims,
+                                inverter_steps=inverter_steps, inverter_hidden=inverter_hidden)
+    plot_curve(result["curve"], workdir / "attack_curve.png", f"{cfg.model} on {cfg.dataset}: defenses at the cut")
   (workdir / "attack.json").write_text(json.dumps(result, indent=1))
   plot(result, workdir / "attack.png", f"{cfg.model} on {cfg.dataset}: inversion of the activations at cut k")
   for i, k in enumerate(result["k"]):

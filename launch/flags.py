@@ -108,6 +108,20 @@ HELP = {
                "largest k whose client footprint fits --client_memory_budget_mb); unset trains the whole model "
                "on the client. With --mode=resources/attack: the cuts to tabulate.",
     "client_memory_budget_mb": "Client memory budget(s) in MiB for --split_k=auto: one for all or one per client.",
+    "cut_noise": "Defense at the split cut: Gaussian noise on the activations sent to the server, its expected norm "
+                 "this ratio times --cut_clip (or each token's own norm without it). Not an (epsilon, delta) "
+                 "guarantee: see federated/cut_defense.py.",
+    "cut_clip": "Defense at the split cut: each token's activation sent up is clipped to this L2 norm first.",
+    "cut_nopeek": "Defense at the split cut: weight of NoPeek's distance correlation between the token embeddings "
+                  "and the client head's output, added to the client's objective (needs head adapters, k >= 1).",
+    "private_response": "Defense at the split cut: the server never receives activations at or after a row's first "
+                        "label token; the client runs those through its own adapter-free copy of the body blocks.",
+    "loss_upload_noise": "Std of Gaussian noise added to each client's uploaded training loss (FELLRec's warm-weight "
+                         "input); not accounted as differential privacy.",
+    "loss_upload_step": "Uploaded training losses are rounded to multiples of this (after --loss_upload_noise).",
+    "attack_sweep": "--mode=attack: comma list of defense settings flag=value (cut_noise, cut_clip, cut_nopeek, "
+                    "private_response, loss_upload_noise, loss_upload_step), each trained (the first of "
+                    "--strategies) and attacked at each --split_k beside an undefended run; attack.json['curve'].",
     "dp_clip": "Differential privacy: L2 bound on each client's per-round adapter update; unset disables DP.",
     "dp_noise_multiplier": "Gaussian noise std / --dp_clip added to each clipped update before aggregation.",
     "dp_delta": "delta of the reported epsilon (default min(1e-5, 1/(10 num_clients))).",

@@ -51,6 +51,12 @@ def server_body(config: ModelConfig, body: Params, act_btd: jax.Array, attention
   return tfm.run_blocks(config, body["blocks"], act_btd, attention_mask_bt, lora_blocks=_lora_blocks(lora), rng=rng)
 
 
+def client_body_copy(config: ModelConfig, body: Params, act_btd: jax.Array, attention_mask_bt: jax.Array) -> jax.Array:
+  """The body blocks' frozen base weights run on the client, without adapters (`--private_response`: the
+  positions the server must not see go through this copy instead)."""
+  return tfm.run_blocks(config, body["blocks"], act_btd, attention_mask_bt)
+
+
 def client_tail(config: ModelConfig, tail: Params, act_btd: jax.Array, attention_mask_bt: jax.Array, *,
                 lora: Params | None = None, rng: jax.Array | None = None, hidden: bool = False,
                 at: jax.Array | None = None, tail_input_btd: jax.Array | None = None) -> jax.Array:

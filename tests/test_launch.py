@@ -32,7 +32,20 @@ def _main(*args, timeout=900):
                                        (dict(decoding=("constrained",), num_beams=10), "--num_beams"),
                                        (dict(prompt="short"), "--prompt"),
                                        (dict(dtype="int8"), "--dtype"), (dict(dtype="foo"), "--dtype"),
-                                       (dict(max_train_samples=0), "--max_train_samples")])
+                                       (dict(max_train_samples=0), "--max_train_samples"),
+                                       (dict(cut_noise=0.5), "--cut_noise"),  # no --split_k: no cut to defend
+                                       (dict(split_k=(1,), cut_noise=-1.0), "--cut_noise"),
+                                       (dict(split_k=(1,), cut_noise=float("nan")), "--cut_noise"),
+                                       (dict(split_k=(1,), cut_clip=0.0), "--cut_clip"),
+                                       (dict(split_k=(1,), cut_nopeek=-0.1), "--cut_nopeek"),
+                                       (dict(split_k=(1,), private_response=True, train_on_inputs=True),
+                                        "--private_response"),
+                                       (dict(private_response=True), "--private_response"),
+                                       (dict(loss_upload_noise=-1.0), "--loss_upload_noise"),
+                                       (dict(loss_upload_step=0.0), "--loss_upload_step"),
+                                       (dict(mode="attack", attack_sweep=("cut_noize=1",)), "--attack_sweep"),
+                                       (dict(mode="attack", attack_sweep=("cut_noise=big",)), "--attack_sweep"),
+                                       (dict(attack_sweep=("cut_noise=1",)), "--attack_sweep")])
 def test_bad_settings_name_their_flag(bad, flag):
   with pytest.raises(ConfigError, match=flag):
     RunConfig(**bad)

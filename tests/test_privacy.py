@@ -12,7 +12,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 import models
-from federated import client
+from federated import client, strategies
 from fellrec_jax import privacy
 
 
@@ -127,3 +127,28 @@ def test_training_with_dp_uploads_still_lowers_the_loss():
   assert with_dp[0] - with_dp[-1] > 0.5 * (without[0] - without[-1]), (with_dp, without)
   eps = privacy.epsilon(z, 8, delta=1e-5)
   assert math.isfinite(eps) and eps > 0
+
+
+def test_uploaded_losses_noise_and_quantisation_and_what_fellrec_weights_do_with_them():
+  """Off: the losses as they are. Rounding to a step s moves each loss by <= s/2, so each client's softmax
+  share exp(l_i / T) / sum_j exp(l_j / T) moves by at most a factor exp(s / T): the bound is checked on
+  FELLRec's warm weights' share, and clients whose losses round alike get the same warm weight. The noise
+  has the std asked for."""
+  losses = np.asarray([2.301, 2.312, 2.298, 2.33, 2.27], np.float32)  # close: the weights below 1
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(privacy.uploaded_losses(losses, key, 0.0, None), losses)
+  step, temperature = 0.05, 0.05
+  rounded = privacy.uploaded_losses(losses, key, 0.0, step)
+  np.testing.assert_allclose(rounded / step, np.round(rounded / step), atol=1e-4)
+  assert np.abs(rounded - losses).max() <= step / 2 + 1e-6
+  share = lambda l: np.exp(l / temperature) / np.exp(l / temperature).sum()  # written out, not the library's
+  ratio = share(rounded) / share(losses)
+  assert np.all((ratio <= math.exp(step / temperature) + 1e-4) & (ratio >= math.exp(-step / temperature) - 1e-4))
+  weights = lambda l: np.asarray(strategies.warm_weights(jnp.asarray(l), 0, alpha=0.7, beta=5.0,
+                                                         temperature=temperature))
+  # the library's warm weights are tanh(alpha / share ** (t + 1 / beta)) of that share (round t = 0)
+  np.testing.assert_allclose(weights(rounded), np.tanh(0.7 / share(rounded) ** (1 / 5.0)), rtol=1e-4)
+  w = weights(rounded)
+  assert w[0] == w[1] == w[2] and not np.allclose(weights(losses)[:3], weights(losses)[0])
+  noisy = privacy.uploaded_losses(np.zeros(20000, np.float32), key, 0.3, None)
+  assert abs(noisy.std() - 0.3) < 0.01 and abs(noisy.mean()) < 0.01
