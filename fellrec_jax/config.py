@@ -208,6 +208,8 @@ class RunConfig:
       need(value == 0 or cut, flag, "defends the split cut: needs --split_k")
     need(self.cut_clip is None or self.cut_clip > 0, "cut_clip", "must be > 0")
     need(self.cut_clip is None or cut, "cut_clip", "defends the split cut: needs --split_k")
+    need(self.cut_nopeek == 0 or 0 not in self.explicit_cuts, "cut_nopeek",
+         "trains the client head's adapters; --split_k=0 leaves the client no head blocks")
     need(self.cut_nopeek == 0 or not self.cache_head, "cut_nopeek",
          "trains the client head's adapters, which --cache_head removes")
     need(not self.private_response or cut, "private_response", "defends the split cut: needs --split_k")

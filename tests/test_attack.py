@@ -212,6 +212,7 @@ def test_attack_recovers_tokens_at_k0_and_clearly_fewer_deeper(warm_tiny):
   assert res["tail_offloaded"]["label_recovery"] == held
 
 
+@pytest.mark.slow  # ~20 s on 2 shared cores: two inverters trained
 def test_large_cut_noise_holds_the_inverter_under_the_fano_bound(warm_tiny):
   """Per-token clipping to C and noise of per-coordinate std r C / sqrt(D) make each sent token a Gaussian
   channel with power C^2, so what any per-position decoder learns about the token at t is at most its

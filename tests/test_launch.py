@@ -38,6 +38,7 @@ def _main(*args, timeout=900):
                                        (dict(split_k=(1,), cut_noise=float("nan")), "--cut_noise"),
                                        (dict(split_k=(1,), cut_clip=0.0), "--cut_clip"),
                                        (dict(split_k=(1,), cut_nopeek=-0.1), "--cut_nopeek"),
+                                       (dict(split_k=(0,), cut_nopeek=1.0), "--cut_nopeek"),
                                        (dict(split_k=(1,), private_response=True, train_on_inputs=True),
                                         "--private_response"),
                                        (dict(private_response=True), "--private_response"),
