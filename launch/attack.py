@@ -46,12 +46,7 @@ def plot(result: dict[str, Any], path: pathlib.Path, title: str) -> None:
   ax.set_xlabel("cut k (blocks on the client before the server)")
   ax.set_ylabel("recovered by the server")
   ax.set_ylim(-0.02, 1.02)
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, ax, title, path)
 
 
 def plot_curve(rows: list[dict], path: pathlib.Path, title: str) -> None:
@@ -70,6 +65,12 @@ def plot_curve(rows: list[dict], path: pathlib.Path, title: str) -> None:
   ax.set_xlabel("history-title tokens recovered by the server (stronger attack)")
   ax.set_ylabel("test ndcg@10 of the defended training")
   ax.set_xlim(-0.02, 1.02)
+  _save(fig, ax, title, path)
+
+
+def _save(fig, ax, title: str, path: pathlib.Path) -> None:
+  """Titles, grids and writes a plot, then frees it."""
+  import matplotlib.pyplot as plt
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
