@@ -166,7 +166,7 @@ class Engine:
 
   def init_state(self, rng: jax.Array) -> FedState:
     """Every client starts from the same fresh adapter (B = 0), so FedAvg starts from a common model."""
-    lora = models.init_lora(self.model_config, self.base, rng)  # reads only the shapes
+    lora = models.init_lora(self.model_config, rng)
     if self.item_side == "table":  # a trainable item table starts from the base-model title embeddings
       lora["items"] = init_item_table(self.item_table, self.cfg.item_table_rank, jax.random.fold_in(rng, 1))
     if self.cfg.item_ids:  # item-ID embeddings start at zero: the model starts as the text-only one

@@ -57,12 +57,11 @@ def abstract_params(config: ModelConfig) -> Params:
   return jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
 
 
-def abstract_lora(config: ModelConfig, base: Params) -> Params | None:
+def abstract_lora(config: ModelConfig) -> Params | None:
   """LoRA adapter shapes (fp32), or None when `config.lora` is None."""
   if config.lora is None:
     return None
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
-  return jax.eval_shape(lambda b: models.init_lora(config, b, jax.random.key(0)), shapes)
+  return jax.eval_shape(lambda: models.init_lora(config, jax.random.key(0)))
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -252,7 +251,7 @@ def report(config: ModelConfig, k: int, *, batch_size: int, seq_len: int, base: 
   (the client uploads and downloads the adapters it holds; the server already holds the body's).
   """
   base = abstract_params(config) if base is None else base
-  lora = abstract_lora(config, base) if lora is None and config.lora is not None else lora
+  lora = abstract_lora(config) if lora is None and config.lora is not None else lora
   out = {"k": k, "batch_size": batch_size, "seq_len": seq_len} | param_split(
       config, base, k, lora=lora, tx=tx, server_lora=server_lora)
   segs = dict(zip(("client_head", "server_body", "client_tail"), split_shapes(config, base, k)))
@@ -288,7 +287,7 @@ def client_footprint_bytes(config: ModelConfig, k: int, batch_size: int, seq_len
   """Client base params + adapters + optimizer state + working memory of its two compiled segments.
   `base`/`lora` default to abstract shapes of `config`."""
   base = abstract_params(config) if base is None else base
-  lora = abstract_lora(config, base) if lora is None else lora
+  lora = abstract_lora(config) if lora is None else lora
   split = param_split(config, base, k, lora=lora, tx=tx, server_lora=server_lora)
   head, _, tail = split_shapes(config, base, k)
   l_head, _, l_tail = split_shapes(config, lora, k) if lora is not None else (None, None, None)
@@ -306,7 +305,7 @@ def choose_split_k(config: ModelConfig, budget_mb: float, batch_size: int, seq_l
   """
   budget = budget_mb * MIB
   base = abstract_params(config)
-  lora = abstract_lora(config, base)
+  lora = abstract_lora(config)
   footprint = lambda k: client_footprint_bytes(config, k, batch_size, seq_len, tx=tx, server_lora=server_lora,
                                                base=base, lora=lora)
   fits = lambda k: footprint(k) <= budget

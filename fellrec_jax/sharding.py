@@ -1,11 +1,12 @@
 """The ('clients', 'model') device mesh and the shardings of per-client and shared state.
 
 Per-client pytrees (leading clients axis) are split over `clients`; shared base weights are split
-over `model` along their largest divisible non-layer axis and replicated over `clients`.
+over `model` by rules on their names (`MODEL_AXIS_RULES`) and replicated over `clients`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -38,19 +39,41 @@ def over_clients(mesh: jax.sharding.Mesh, num_clients: int) -> NamedSharding:
   return NamedSharding(mesh, P(CLIENTS) if num_clients % mesh.shape[CLIENTS] == 0 else P())
 
 
+# Which axis of a named base leaf `model` splits (negative: counted from the end, past the stacked layer
+# axis), as Megatron-style tensor parallelism does: q/k/v/gate/up on their output features, o/down on their
+# input features (one all-reduce after each pair), the token table and untied head on the vocabulary, item
+# tables on their rows. Leaves no rule names (norms, o/down biases, positions, token ids) are replicated.
+MODEL_AXIS_RULES = (
+    (r"blocks/(q|k|v|gate|up)/(w_io|b_o)", -1),
+    (r"blocks/(o|down)/w_io", -2),
+    (r"embed/table_vd", 0),
+    (r"head/w_io", -1),
+    (r"items/(input_id|table_id)", 0),
+)
+
+
+def model_axis(path: str) -> int | None:
+  """The axis `MODEL_AXIS_RULES` splits for a leaf at `path` ("blocks/q/w_io"), or None (replicated)."""
+  for pattern, axis in MODEL_AXIS_RULES:
+    if re.fullmatch(pattern, path):
+      return axis
+  return None
+
+
 def shared(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-  """Shardings splitting each leaf's largest non-layer axis that `model` divides (else replicated)."""
+  """Shardings of shared (base) weights: each leaf split over `model` on the axis its name's rule gives
+  (`MODEL_AXIS_RULES`), replicated over `clients`; replicated where no rule names it or `model` does not
+  divide that axis."""
   size = mesh.shape[MODEL]
 
-  def spec(x):
-    first = 1 if x.ndim >= 3 else 0  # keep the stacked layer axis whole so blocks can be sliced
-    axes = [a for a in range(first, x.ndim) if x.shape[a] % size == 0]
-    if size == 1 or not axes:
-      return P()
-    best = max(axes, key=lambda a: x.shape[a])
-    return P(*[MODEL if a == best else None for a in range(x.ndim)])
+  def spec(path, x):
+    axis = model_axis("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+    if size == 1 or axis is None or x.shape[axis] % size:
+      return NamedSharding(mesh, P())
+    axis %= x.ndim
+    return NamedSharding(mesh, P(*[MODEL if a == axis else None for a in range(x.ndim)]))
 
-  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), tree)
+  return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 def put(tree: Any, shardings: Any) -> Any:

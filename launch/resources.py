@@ -61,7 +61,7 @@ def run(cfg: RunConfig, split_ks: list[int] | None) -> dict[str, Any]:
   b, t = cfg.batch_size, cfg.cutoff_len
   micro = micro_per_round(cfg)
   base = resources.abstract_params(config)
-  lora = resources.abstract_lora(config, base)
+  lora = resources.abstract_lora(config)
   rows = [resources.report(config, k, batch_size=b, seq_len=t, base=base, lora=lora, server_lora=cfg.server_lora,
                            micro_per_round=micro) for k in ks]
   out: dict[str, Any] = {"model": cfg.model, "model_config": dataclasses.asdict(config), "batch_size": b,

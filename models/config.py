@@ -6,6 +6,7 @@ Both are frozen (hashable) dataclasses so they can be passed to `jax.jit` as sta
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -66,6 +67,8 @@ class ModelConfig:
   pad_id: int = 0
   lora: LoraConfig | None = None
   causal: bool = False  # an encoder run with a causal mask (item-as-token sequences: every position trains)
+  # your own nnx model class (README, "Bring your own Flax model"); None: `models.Transformer`
+  module: Any = None
 
   def __post_init__(self):
     if self.arch not in ("llama", "bert"):

@@ -193,7 +193,7 @@ def response_logprobs(config: ModelConfig, params: Params, input_ids: jax.Array,
   logprobs of its response's tokens after each left-padded prompt `[B, T]`, by teacher forcing.
 
   The prompt is prefilled once; each row's P candidates run as P rows of N - 1 tokens attending to it
-  (`transformer.prefix_attention`), `chunk` candidates per row at a time to bound the `[B, chunk, N, V]`
+  (`attention.prefix_attention`), `chunk` candidates per row at a time to bound the `[B, chunk, N, V]`
   logits.
 
   Args:

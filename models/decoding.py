@@ -5,7 +5,7 @@ by all of a row's hypotheses, which own only their generated tokens' cache of `N
 (so beams reorder and copy N slots a step, never the prompt). Generated token j is fed back into slot j
 at RoPE position `len_b + j` (`len_b` = the row's real prompt tokens), which continues the prompt's
 `cumsum(mask) - 1` positions. Attention admits the prompt's real tokens and the generated slots written
-so far, never left padding or slots not yet written (`transformer.prefix_attention`). Each call is one `jax.jit` (config, lengths, ids and beam settings static) around a
+so far, never left padding or slots not yet written (`attention.prefix_attention`). Each call is one `jax.jit` (config, lengths, ids and beam settings static) around a
 `lax.while_loop` that stops early once every row is finished.
 
 Beam search is HF's vectorised beam search with `early_stopping=False`: per row, `num_beams` running
@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from models import attention as attn
 from models import transformer as tfm
 from models.config import ModelConfig
 from models.transformer import Params
@@ -53,7 +54,7 @@ def prefill(config: ModelConfig, params: Params, lora: Params | None, input_ids_
   x_btd, (k_lbtkh, v_lbtkh) = tfm.run_blocks(
       config, params["blocks"], x_btd, attention_mask_bt, lora_blocks=lora_blocks(lora),
       kv_cache=(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), 0),
-      positions_bt=tfm.positions_from_mask(attention_mask_bt), mask_b1ts=tfm.self_attention_mask(config, attention_mask_bt))
+      positions_bt=attn.positions_from_mask(attention_mask_bt), mask_b1ts=attn.self_attention_mask(config, attention_mask_bt))
   return tfm.outputs(config, params, x_btd[:, -1:])[:, 0], _Prompt(k_lbtkh, v_lbtkh, attention_mask_bt)
 
 

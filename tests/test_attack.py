@@ -23,7 +23,7 @@ def _tiny():
   cfg = dataclasses.replace(models.tiny_llama(vocab_size=97),
                             lora=models.LoraConfig(rank=4, alpha=8, dropout=0.1, targets=("q", "v")))
   base = models.init_params(cfg, jax.random.key(0))
-  return cfg, base, models.init_lora(cfg, base, jax.random.key(1))
+  return cfg, base, models.init_lora(cfg, jax.random.key(1))
 
 
 def _batch():
@@ -207,7 +207,7 @@ def test_attack_recovers_tokens_at_k0_and_clearly_fewer_deeper(warm_tiny):
   assert near["token_accuracy"][1] < near["token_accuracy"][0] - 0.5
   assert res["learned"]["history_token_accuracy"][1] >= 0.6
   # the literal the report writes is what the tail's loss inputs actually give back (measured, not assumed)
-  lora = models.init_lora(config, base, jax.random.key(0))
+  lora = models.init_lora(config, jax.random.key(0))
   held = label_recovery_from_loss_inputs(config, base, lora, victims.ids, victims.mask, victims.target_spans)
   assert res["tail_offloaded"]["label_recovery"] == held
 

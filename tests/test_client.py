@@ -19,7 +19,7 @@ def _setup(num_layers=4, dropout=0.0, targets=("q", "v", "down")):
   cfg = models.tiny_llama(vocab_size=97, num_layers=num_layers)
   cfg = dataclasses.replace(cfg, lora=models.LoraConfig(rank=4, alpha=8, dropout=dropout, targets=targets))
   base = models.init_params(cfg, jax.random.key(0))
-  lora = models.init_lora(cfg, base, jax.random.key(1))
+  lora = models.init_lora(cfg, jax.random.key(1))
   return cfg, base, lora
 
 

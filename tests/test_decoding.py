@@ -135,7 +135,7 @@ def test_lora_changes_generation_and_matches_reference(model, prompts):
   base_config, params = model
   ids_bt, mask_bt = prompts
   config = dataclasses.replace(base_config, lora=models.LoraConfig(rank=4, targets=("q", "v", "up")))
-  fresh = models.init_lora(config, params, jax.random.key(2))
+  fresh = models.init_lora(config, jax.random.key(2))
   keys = jax.random.split(jax.random.key(3), len(fresh["blocks"]))
   lora = {"blocks": {target: dict(ab, b_ro=0.5 * jax.random.normal(key, ab["b_ro"].shape))
                      for key, (target, ab) in zip(keys, sorted(fresh["blocks"].items()))}}

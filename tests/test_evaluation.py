@@ -23,7 +23,7 @@ def setup():
                             synthetic_kwargs=dict(num_users=40, num_items=40, interactions_per_user=12))
   config, base, tokenizer = models.load("tiny-llama", corpus=list(prep.titles) + [examples.ALPACA_TEMPLATE],
                                         num_layers=2, lora=models.LoraConfig(rank=4, targets=("q", "v")))
-  adapters = [models.init_lora(config, base, jax.random.key(c)) for c in range(C)]
+  adapters = [models.init_lora(config, jax.random.key(c)) for c in range(C)]
   lora_c = jax.tree.map(lambda *xs: np.stack(xs), *adapters)
   item_emb = representations.item_embeddings(config, base, tokenizer, prep.titles)
   return prep, config, base, tokenizer, lora_c, item_emb
@@ -144,7 +144,7 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prom
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids_bt[:, 1:])
     return (nll * loss_mask_bt[:, :-1]).sum() / loss_mask_bt.sum()
 
-  lora = models.init_lora(config, base, jax.random.key(0))
+  lora = models.init_lora(config, jax.random.key(0))
   tx = optax.adam(1e-2)
   opt_state = tx.init(lora)
   step = jax.jit(lambda lora, opt: (lambda g: (optax.apply_updates(lora, tx.update(g, opt)[0]), tx.update(g, opt)[1]))(
@@ -203,7 +203,7 @@ def test_encoder_discriminative(setup):
                                         lora=models.LoraConfig(rank=2))
   rows = tokenization.text_rows(config, tokenizer, ["x" * 600], 32)
   assert len(rows[0]) <= 32 and rows[0][0] == tokenizer.backend.token_to_id("[CLS]")
-  lora_c = jax.tree.map(lambda x: np.stack([x] * C), models.init_lora(config, base, jax.random.key(0)))
+  lora_c = jax.tree.map(lambda x: np.stack([x] * C), models.init_lora(config, jax.random.key(0)))
   result = ev.evaluate_discriminative(config, base, tokenizer, lora_c, prep, "test", ks=(5, 10), max_users=3)
   assert [c["test_users"] for c in result["clients"]] == [3, 3]
 

@@ -30,7 +30,7 @@ def _model(**overrides):
   lora_config = models.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=models.config.LORA_TARGETS)
   config = models.tiny_llama(vocab_size=96, num_layers=2, lora=lora_config, **overrides)
   base = models.init_params(config, jax.random.key(0))
-  lora = models.init_lora(config, base, jax.random.key(1))
+  lora = models.init_lora(config, jax.random.key(1))
   keys = iter(jax.random.split(jax.random.key(2), len(lora["blocks"])))
   for ab in lora["blocks"].values():
     ab["b_ro"] = 0.2 * jax.random.normal(next(keys), ab["b_ro"].shape)

@@ -24,7 +24,7 @@ def _setup(num_layers=4, items="table"):
                             head_dim=16, intermediate_size=48, causal=True,
                             lora=models.LoraConfig(rank=4, dropout=0.0, targets=("q", "v", "up")))
   base = models.init_params(config, jax.random.key(0))
-  lora = models.init_lora(config, base, jax.random.key(1))
+  lora = models.init_lora(config, jax.random.key(1))
   lora = jax.tree.map(lambda x: x + 0.02, lora)  # B != 0, so every adapter gets a gradient
   frozen = jax.random.normal(jax.random.key(2), (I, D))
   base["items"] = {"input_id": jax.random.normal(jax.random.key(3), (I, D)), "table_id": frozen}
@@ -118,7 +118,7 @@ def test_encoder_item_side_trains_against_the_vectors_evaluation_ranks_by():
   config, base0, tokenizer = models.load("tiny-bert", corpus=[f"movie {i}" for i in range(40)], num_layers=2,
                                                   lora=models.LoraConfig(rank=2, dropout=0.0))
   titles = [f"movie {i} part {i % 3}" for i in range(12)]
-  lora = jax.tree.map(lambda x: x + 0.05, models.init_lora(config, base0, jax.random.key(0)))
+  lora = jax.tree.map(lambda x: x + 0.05, models.init_lora(config, jax.random.key(0)))
   rows = tokenization.text_rows(config, tokenizer, titles, config.max_positions)
   ids, mask = models.tokenizer.pad_rows(rows, tokenizer.pad_id, "right")
   base = dict(base0, items={"title_ids": ids, "title_mask": mask})

@@ -16,7 +16,7 @@ ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 def _setup(name):
   targets = ALL_TARGETS if name == "tiny-llama" else tuple(t for t in ALL_TARGETS if t != "gate")
   config, params, tokenizer = models.load(name, lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
-  lora = models.init_lora(config, params, jax.random.key(0))
+  lora = models.init_lora(config, jax.random.key(0))
   keys = iter(jax.random.split(jax.random.key(1), 64))
   lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), lora)  # B != 0: LoRA acts
   ids, mask = tokenizer.batch_encode(["a short one", "a rather longer sentence here"], padding_side="left")

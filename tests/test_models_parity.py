@@ -109,7 +109,7 @@ def _model_with_lora(name, rng=0):
   """A 4-block tiny model and LoRA adapters on every projection, with B randomised (so LoRA acts)."""
   targets = ALL_TARGETS if name == "tiny-llama" else tuple(t for t in ALL_TARGETS if t != "gate")
   config, params, tokenizer = models.load(name, lora=LoraConfig(rank=4, targets=targets))
-  lora = models.init_lora(config, params, jax.random.key(rng))
+  lora = models.init_lora(config, jax.random.key(rng))
   keys = iter(jax.random.split(jax.random.key(rng + 1), 64))
   lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), lora)
   ids, mask = tokenizer.batch_encode(["a short one", "a rather longer sentence here"], padding_side="left")
@@ -119,7 +119,7 @@ def _model_with_lora(name, rng=0):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
 def test_lora_with_zero_b_changes_nothing(name):
   config, params, _, ids, mask = _model_with_lora(name)
-  fresh = models.init_lora(config, params, jax.random.key(3))
+  fresh = models.init_lora(config, jax.random.key(3))
   np.testing.assert_array_equal(models.apply(config, params, ids, mask),
                                 models.apply(config, params, ids, mask, lora=fresh))
 
@@ -127,7 +127,7 @@ def test_lora_with_zero_b_changes_nothing(name):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
 def test_gradients_flow_to_lora_only(name):
   config, params, lora, ids, mask = _model_with_lora(name)
-  fresh = models.init_lora(config, params, jax.random.key(3))
+  fresh = models.init_lora(config, jax.random.key(3))
 
   def loss(lora_params, base_params):  # differentiated w.r.t. the adapters (argnums=0) only
     out = models.apply(config, base_params, ids, mask, lora=lora_params)

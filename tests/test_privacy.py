@@ -99,7 +99,7 @@ def test_training_with_dp_uploads_still_lowers_the_loss():
              "example_mask": jnp.ones((C, S, 1, B), jnp.int32)}
   tx = optax.adam(3e-2)
   update = jax.jit(client.over_clients(client.make_local_update(client.LocalSpec(cfg, split_k=1), tx)))
-  lora0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (C, *x.shape)), models.init_lora(cfg, base, jax.random.key(1)))
+  lora0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (C, *x.shape)), models.init_lora(cfg, jax.random.key(1)))
   opt0 = jax.vmap(tx.init)(lora0)
   # The noise's norm is z * clip * sqrt(#adapter params) (~4.6k here) against a signal of at most clip, so
   # with 3 clients only a small z lets training through; meaningful epsilon needs many clients per round.

@@ -26,7 +26,7 @@ def _tiny(**kw):
 def test_client_and_server_counts_add_up(tied):
   cfg = _tiny(tie_embeddings=tied)
   base = models.init_params(cfg, jax.random.key(0))
-  lora = models.init_lora(cfg, base, jax.random.key(1))
+  lora = models.init_lora(cfg, jax.random.key(1))
   total = sum(x.size for x in jax.tree.leaves(base))
   total_lora = sum(x.size for x in jax.tree.leaves(lora))
   for k in range(cfg.num_layers):
@@ -50,7 +50,7 @@ def test_client_share_grows_with_k_and_traffic_matches_the_split_step():
     assert all(a < b for a, b in zip(values, values[1:])), (key, values)
   assert rows[-1]["server_params"] == 0 and rows[-1]["server_flops_per_example"] < 1e3
   base = models.init_params(cfg, jax.random.key(0))
-  lora = models.init_lora(cfg, base, jax.random.key(1))
+  lora = models.init_lora(cfg, jax.random.key(1))
   batch = {"input_ids": jnp.ones((2, 16), jnp.int32), "attention_mask": jnp.ones((2, 16), jnp.int32),
            "target_index": jnp.zeros((2, 4), jnp.int32), "target_mask": jnp.ones((2, 4), jnp.int32),
            "example_mask": jnp.ones((2,), jnp.int32)}
@@ -71,7 +71,7 @@ def test_flops_extrapolation_matches_an_unrolled_count():
   gives the true count to compare the 0/1-block extrapolation with."""
   cfg = _tiny(num_layers=5)
   base = resources.abstract_params(cfg)
-  lora = resources.abstract_lora(cfg, base)
+  lora = resources.abstract_lora(cfg)
   _, body, _ = resources.split_shapes(cfg, base, 1)  # 3 server blocks
   _, lbody, _ = resources.split_shapes(cfg, lora, 1)
   got = resources.segment_cost(cfg, "server_body", body, lbody, 2, 16).flops

@@ -99,7 +99,7 @@ def make_round(config, base, num_clients: int, steps: int, batch: int, seq_len: 
   import models
   from federated import engine
   tx = __import__("optax").adamw(1e-3)
-  lora = engine.stack_clients(models.init_lora(config, base, jax.random.key(1)), num_clients)
+  lora = engine.stack_clients(models.init_lora(config, jax.random.key(1)), num_clients)
   lora = jax.tree.map(jnp.array, lora)  # materialise the broadcast: every client owns its copy
   batches = {k: jnp.asarray(v) for k, v in synthetic_batches(
       num_clients, steps, accum, batch, seq_len, config.vocab_size, config.pad_id,

@@ -44,7 +44,7 @@ def padding_round(data_dir: str | None, quick: bool):
   batches = engine.round_batches(it, engine.micro_batches_per_round(cfg, epoch_steps), cfg.grad_accum,
                                  np.ones(len(train), bool))
   tx = optax.adamw(cfg.learning_rate)
-  lora = jax.tree.map(jnp.array, engine.stack_clients(models.init_lora(config, base, jax.random.key(1)), len(train)))
+  lora = jax.tree.map(jnp.array, engine.stack_clients(models.init_lora(config, jax.random.key(1)), len(train)))
   spec = client.LocalSpec(config, split_k=1)
   return ("ml-latest-small" if real else "synthetic", base, lora, jax.vmap(tx.init)(lora), batches,
           jax.random.split(jax.random.key(0), len(train)), tx, spec)

@@ -23,7 +23,7 @@ def abstract_round(config, base, num_clients: int, steps: int, batch: int, seq_l
   import jax
   import jax.numpy as jnp
   import models
-  lora_one = jax.eval_shape(lambda: models.init_lora(config, base, jax.random.key(0)))
+  lora_one = jax.eval_shape(lambda: models.init_lora(config, jax.random.key(0)))
   stack = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_clients, *x.shape), x.dtype), tree)
   lora = stack(lora_one)
   opt = stack(jax.eval_shape(tx.init, lora_one))
