@@ -166,7 +166,7 @@ def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prom
   assert (ranked != target).all() and (ranked >= 0).all()
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "smollm2-135m"])
+@pytest.mark.parametrize("model", ["tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_sequence_chunks_tokenize_as_the_trie(setup, model):
   """A training chunk's response lines, encoded together, are its titles' trie sequences end to end, so
   constrained decoding searches exactly the sequences training taught."""

@@ -131,6 +131,7 @@ def test_encoder_item_side_trains_against_the_vectors_evaluation_ranks_by():
   assert client.item_encoding_traffic(dataclasses.replace(spec, split_k=None), base) == 0
 
 
+@pytest.mark.slow  # engine rounds with the discriminative loss (~25 s warm)
 def test_engine_training_raises_validation_ndcg(tmp_path):
   """Synthetic data, tiny-bert, a trainable table and item-ID embeddings: validation ndcg@10 of the trained
   adapters beats the untrained adapters', and the ranking uses the trained ID embeddings."""

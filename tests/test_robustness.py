@@ -60,6 +60,7 @@ def test_a_diverged_client_is_left_out_and_the_others_train_as_without_it(tmp_pa
     np.testing.assert_array_equal(np.asarray(a)[:2], np.asarray(b)[:2])
 
 
+@pytest.mark.slow  # an engine run to its first round (~30 s warm, ~50 s with a cold compilation cache)
 def test_every_client_diverging_stops_the_run_naming_the_learning_rate(tmp_path, monkeypatch):
   with pytest.raises(Diverged, match="round 0: every participating client.*--learning_rate"):
     _run(engine_worker.make_config(str(tmp_path), rounds=1), "fedavg", poisoned=[0, 1, 2], monkeypatch=monkeypatch)
