@@ -63,8 +63,8 @@ class Qwen3Like(nnx.Module):
 
 
 def _config(vocab_size=300, **overrides):
-  return models.tiny_llama(vocab_size, module=Qwen3Like, lora=models.LoraConfig(targets=("q", "v"), dropout=0.0),
-                           **overrides)
+  return models.tiny_llama(vocab_size, **({"module": Qwen3Like, "lora": models.LoraConfig(targets=("q", "v"), dropout=0.0)}
+                                          | overrides))
 
 
 def test_own_model_forward_uses_its_layers_and_splits_as_a_slice():
@@ -114,3 +114,23 @@ def test_own_model_trains_through_the_engine_with_a_split_and_fellrec(tmp_path):
   # FELLRec personalises: after aggregation each client holds its own mixture, not one shared adapter
   b = np.asarray(state.lora["blocks"]["q"]["b_ro"])
   assert np.abs(b[0] - b[1]).max() > 1e-6 and np.abs(b).max() > 1e-4
+
+
+@pytest.mark.parametrize("module", [None, Qwen3Like])
+def test_the_forward_is_the_same_in_nnx_tree_mode(module):
+  """Flax is moving NNX to "tree mode" (modules as plain pytrees); the framework only splits and merges, so
+  the graphs built there run the same forward (the built-in model and one's own)."""
+  config = _config(module=module)
+  params = models.init_params(config, jax.random.key(0))
+  lora = jax.tree.map(lambda x: x + 0.01, models.init_lora(config, jax.random.key(1)))
+  ids = jax.random.randint(jax.random.key(2), (2, 7), 1, 300)
+  want = models.apply(config, params, ids, lora=lora)
+  models.transformer.graphdefs.cache_clear()
+  try:
+    with nnx.set_graph_mode(False):
+      got = models.apply(config, params, ids, lora=lora)
+      built = models.init_params(config, jax.random.key(0))
+  finally:
+    models.transformer.graphdefs.cache_clear()
+  np.testing.assert_array_equal(got, want)
+  assert jax.tree.all(jax.tree.map(np.array_equal, built, params))
