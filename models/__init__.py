@@ -9,7 +9,7 @@ from models.loading import PRESETS, TINY_PRESETS, load, load_model
 from models.lora import init_lora, merge_lora
 from models.split import client_body_copy, client_head, client_tail, server_body, split
 from models.tokenizer import Tokenizer
-from models.transformer import (Params, Transformer, apply, embed, init_params, item_token_params, mean_pool, pool, sequence_representation,
-                                token_vectors)
+from models.transformer import (Params, Transformer, apply, embed, init_params, item_token_params, mean_pool, pool,
+                                sequence_representation, token_vectors)
 from models.decoding import beam_search, greedy
 from models.constrained import Trie, build_trie, constrained_beam_search, response_logprobs

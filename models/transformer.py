@@ -35,8 +35,6 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, config: ModelConfig, *, key: jax.Array, lora_key: jax.Array | None = None, std: float = 0.02):
-    if lora_key is not None:
-      modules.lora_targets(config)  # checks config.lora and its targets first
     init = modules.Normal(iter(jax.random.split(key, 16)), std)  # the draw order fixes the weights a seed gives
     self.blocks = modules.Block(config, init=init, layers=(config.num_layers,), lora_key=lora_key)
     self.embed = modules.Embedding(config, init=init)
@@ -52,8 +50,8 @@ class Transformer(nnx.Module):
   def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, **kwargs) -> jax.Array:
     """`apply(config, base_state, ...)` with this module's adapters (keyword arguments as `apply`'s)."""
     _, lora, base = nnx.split(self, nnx.LoRAParam, nnx.Param)
-    return apply(self.config, nnx.to_pure_dict(base), input_ids_bt, attention_mask_bt, lora=nnx.to_pure_dict(lora) or None,
-                 **kwargs)
+    return apply(self.config, nnx.to_pure_dict(base), input_ids_bt, attention_mask_bt,
+                 lora=nnx.to_pure_dict(lora) or None, **kwargs)
 
 
 def model_class(config: ModelConfig) -> type[nnx.Module]:
@@ -112,7 +110,8 @@ def run_blocks(config: ModelConfig, blocks: Params, x_btd: jax.Array, attention_
 
   def step(x, layer):
     p, lp, key, cache, pre = layer
-    return _merged(config, "blocks", p, lp)(x, positions_bt, mask_b1ts, rng=key, kv_cache=None if cache is None else (*cache, index),
+    block = _merged(config, "blocks", p, lp)
+    return block(x, positions_bt, mask_b1ts, rng=key, kv_cache=None if cache is None else (*cache, index),
                  prefix=None if pre is None else (*pre, prefix[2]))
 
   if config.remat:

@@ -63,8 +63,8 @@ class Qwen3Like(nnx.Module):
 
 
 def _config(vocab_size=300, **overrides):
-  return models.tiny_llama(vocab_size, **({"module": Qwen3Like, "lora": models.LoraConfig(targets=("q", "v"), dropout=0.0)}
-                                          | overrides))
+  own = {"module": Qwen3Like, "lora": models.LoraConfig(targets=("q", "v"), dropout=0.0)}
+  return models.tiny_llama(vocab_size, **(own | overrides))
 
 
 def test_own_model_forward_uses_its_layers_and_splits_as_a_slice():
