@@ -182,6 +182,7 @@ def warm_tiny():
   return prep, config, base, tok
 
 
+@pytest.mark.slow  # trains inverters at 4 cuts (~50 s with a cold compilation cache)
 def test_attack_recovers_tokens_at_k0_and_clearly_fewer_deeper(warm_tiny):
   """Thresholds. k=0: the activations are embedding rows, so nearest-embedding inversion is exact (>= 0.99
   leaves room only for duplicate rows). k=L-1=3: nearest embedding collapses (measured ~0.001-0.02 of

@@ -84,6 +84,7 @@ def test_targets_from_loss_mask_refuses_to_drop_targets():
   np.testing.assert_array_equal(mask, [[1, 1, 0], [0, 0, 0]])
 
 
+@pytest.mark.slow  # bf16 and fp32 programs (~16 s cold)
 def test_bfloat16_training_tracks_float32():
   """The GPU benchmarks train in bf16 (base stored and computed in bf16, adapters and optimizer in fp32):
   its losses stay within bf16 rounding of fp32 training and its updates point the same way."""

@@ -104,6 +104,7 @@ def test_zero_noise_is_todays_split_step_bit_for_bit():
   assert noised[0] != want[0]
 
 
+@pytest.mark.slow  # two split steps compiled with and without the regulariser (~18 s cold)
 def test_nopeek_adds_its_weighted_gradient_to_the_head_only():
   """The NoPeek step's gradients are today's plus `w * count * grad dCor(embeddings, head(lora_head))` on the
   head blocks, the latter taken here by `jax.grad` through the head directly; loss and count unchanged."""

@@ -119,7 +119,7 @@ def test_each_client_uses_its_own_adapter(setup):
     ev.evaluate_discriminative(config, base, tokenizer, jax.tree.map(lambda x: x[:1], lora_c), prep, "test")
 
 
-@pytest.mark.parametrize("prompt", ["alpaca", "sequence"])
+@pytest.mark.parametrize("prompt", [pytest.param("alpaca", marks=pytest.mark.slow), "sequence"])
 def test_constrained_ranks_first_the_title_a_model_was_tuned_to_emit(setup, prompt):
   prep, config, _, tokenizer, _, _ = setup
   prep = dataclasses.replace(prep, prompt=prompt)

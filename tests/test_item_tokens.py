@@ -67,7 +67,8 @@ def test_causal_encoder_positions_ignore_later_items():
   assert not np.allclose(apply(bidirectional, params, ids)[:, 0], apply(bidirectional, params, changed)[:, 0])
 
 
-@pytest.mark.parametrize("k,items", [(1, "table"), (3, "table+ids"), (2, "lowrank")])
+@pytest.mark.parametrize("k,items", [(1, "table"), pytest.param(3, "table+ids", marks=pytest.mark.slow),
+                                     pytest.param(2, "lowrank", marks=pytest.mark.slow)])
 def test_split_with_a_trainable_item_table_equals_the_unsplit_model(k, items):
   """Frozen item vectors feed the client head; the trainable table (whole, or a low-rank correction of the
   frozen one) scores on the client tail, and item-ID embeddings (`+ids`) join before the last block. Loss and every gradient equal the unsplit model's; with the head's

@@ -129,6 +129,7 @@ def small(measured_run):
   return {key: (eng, round_memory.estimate_round_peak(eng, with_heldout=False)) for key, eng in engines.items()}
 
 
+@pytest.mark.slow  # the measured rounds of the `small` fixture (~30 s cold)
 def test_peak_grows_with_group_size_not_with_clients(small):
   one_of_4, one_of_8, four_of_4 = small[4, 1][1], small[8, 1][1], small[4, None][1]
   assert (one_of_4["group_size"], one_of_8["group_size"], four_of_4["group_size"]) == (1, 1, 4)
@@ -142,6 +143,7 @@ def test_peak_grows_with_group_size_not_with_clients(small):
   assert 3 * one_of_4["round_temp"] < four_of_4["round_temp"] < 5 * one_of_4["round_temp"]
 
 
+@pytest.mark.slow  # shares the `small` fixture
 def test_the_round_updates_the_state_in_place(small):
   """The engine donates the adapters and the moments, so an added client costs its arguments (state and
   batches) and no copy of them; with the adapters kept as the anchor, XLA used to copy the donated moments
