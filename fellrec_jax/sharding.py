@@ -67,7 +67,7 @@ def shared(mesh: jax.sharding.Mesh, tree: Any) -> Any:
   size = mesh.shape[MODEL]
 
   def spec(path, x):
-    axis = model_axis("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+    axis = model_axis(jax.tree_util.keystr(path, simple=True, separator="/"))
     if size == 1 or axis is None or x.shape[axis] % size:
       return NamedSharding(mesh, P())
     axis %= x.ndim

@@ -54,7 +54,8 @@ def prefill(config: ModelConfig, params: Params, lora: Params | None, input_ids_
   x_btd, (k_lbtkh, v_lbtkh) = tfm.run_blocks(
       config, params["blocks"], x_btd, attention_mask_bt, lora_blocks=lora_blocks(lora),
       kv_cache=(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), 0),
-      positions_bt=attn.positions_from_mask(attention_mask_bt), mask_b1ts=attn.self_attention_mask(config, attention_mask_bt))
+      positions_bt=attn.positions_from_mask(attention_mask_bt),
+      mask_b1ts=attn.self_attention_mask(config, attention_mask_bt))
   return tfm.outputs(config, params, x_btd[:, -1:])[:, 0], _Prompt(k_lbtkh, v_lbtkh, attention_mask_bt)
 
 

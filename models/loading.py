@@ -21,7 +21,7 @@ from models.hf_checkpoint import load_hf_dir
 from models.layout import ModelError
 from models.tokenizer import Tokenizer
 from models.lora import init_lora
-from models.transformer import Params, Transformer, init_params
+from models.transformer import Params, init_params, model_class
 
 TINY_PRESETS = ("tiny-llama", "tiny-bert")  # random weights; their tokenizer can be learned on a corpus
 PRESETS = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
@@ -66,16 +66,18 @@ def load(name_or_path: str | pathlib.Path, *, dtype: str = "float32", seed: int 
 
 
 def load_model(name_or_path: str | pathlib.Path, *, lora: LoraConfig | None = None, lora_rng: jax.Array | None = None,
-               **load_kwargs) -> tuple[Transformer, Tokenizer | None]:
-  """`(module, tokenizer)`: `load`'s weights in a `Transformer` nnx module, with fresh adapters (`nnx.LoRAParam`,
-  drawn from `lora_rng`, default key 0) when `lora` is given. `load_kwargs` as `load`'s.
+               **load_kwargs) -> tuple[nnx.Module, Tokenizer | None]:
+  """`(module, tokenizer)`: `load`'s weights in the config's nnx module (`Transformer` unless `module=` says
+  otherwise), with fresh adapters (`nnx.LoRAParam`, drawn from `lora_rng`, default key 0) when `lora` is given.
+  `load_kwargs` as `load`'s.
 
   `nnx.split(module, nnx.LoRAParam, nnx.Param)` gives `(graphdef, lora_state, base_state)`, the pure states
   the engine stacks per client and shares (`nnx.to_pure_dict`).
   """
   config, params, tokenizer = load(name_or_path, lora=lora, **load_kwargs)
   rng = jax.random.key(0) if lora_rng is None else lora_rng
-  abstract = nnx.eval_shape(lambda: Transformer(config, key=jax.random.key(0), lora_key=None if lora is None else rng))
+  abstract = nnx.eval_shape(lambda: model_class(config)(config, key=jax.random.key(0),
+                                                         lora_key=None if lora is None else rng))
   graphdef, lora_state, base_state = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
   nnx.replace_by_pure_dict(base_state, params)
   if lora is not None:

@@ -19,10 +19,15 @@ def init_lora(config: ModelConfig, rng: jax.Array) -> tfm.Params:
   """Fresh fp32 adapters for `config.lora.targets`: the `nnx.LoRAParam` state of the model created with `rng`
   as its LoRA key (jit drops the base weights drawn alongside, which nothing reads)."""
   model = tfm.model_class(config)(config, key=jax.random.key(0), lora_key=rng)
-  return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+  lora = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+  made = sorted(lora.get("blocks", {}))
+  if made != sorted(config.lora.targets):
+    raise ValueError(f"LoRA targets {list(config.lora.targets)} but the model created adapters on {made}: "
+                     f"{tfm.model_class(config).__name__} has no such projection, or does not read config.lora")
+  return lora
 
 
-def merge_lora(config: ModelConfig, base_params: Params, lora: Params) -> tfm.Params:
+def merge_lora(config: ModelConfig, base_params: tfm.Params, lora: tfm.Params) -> tfm.Params:
   """Base params with `scale * A @ B` folded into each targeted weight (for export/serving)."""
   blocks = dict(base_params["blocks"])
   for target, ab in lora["blocks"].items():

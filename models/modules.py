@@ -18,8 +18,8 @@ LoRAParam is a Param). As pure dicts (`nnx.to_pure_dict(state)`), the engine's p
                        "attn_norm"|"mlp_norm": {"scale_d", "bias_d"}}}
   lora:    {"blocks": {target: {"a_ir": [L, in, r], "b_ro": [L, r, out]}}}
 
-Weights are drawn from an explicit key in a fixed order (one stacked `[L, ...]` draw per matrix), so a seed
-gives the same weights as the pre-NNX parameter functions: every measured tiny-model row stands.
+Weights are drawn from an explicit key in a fixed order, one stacked `[L, ...]` draw per matrix (not per layer
+under `nnx.vmap`), so a seed always gives the same weights.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import attention as attn
-from models.config import LoraConfig, ModelConfig
+from models.config import LORA_TARGETS, LoraConfig, ModelConfig
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass
@@ -116,8 +115,7 @@ def norm(config: ModelConfig, layers: tuple[int, ...] = ()) -> RMSNorm | LayerNo
 class Block(nnx.Module):
   """One decoder (pre-norm, RoPE, SwiGLU) or encoder (post-norm, GELU) block; `layers=(L,)` stacks L of them.
 
-  `lora_targets` names the projections that get adapters (drawn from `lora_key`, one key per target in
-  `config.lora.targets` order).
+  With `lora_key`, the projections in `config.lora.targets` get adapters (`lora_keys_of`: one key per target).
   """
 
   def __init__(self, config: ModelConfig, *, init: Normal, layers: tuple[int, ...] = (),
@@ -144,7 +142,7 @@ class Block(nnx.Module):
     runs over the whole cache, after `prefix` `(k_bpkh, v_bpkh, mask_bp)` when given (`prefix_attention`).
     Returns `(x_btd, (k_bskh, v_bskh) or None)`."""
     config = self.config
-    keys = dict(zip(PROJECTIONS, jax.random.split(rng, 7))) if rng is not None else {}
+    keys = dict(zip(LORA_TARGETS, jax.random.split(rng, 7))) if rng is not None else {}
     proj = lambda name, x: getattr(self, name)(x, keys.get(name))
     b, t, _ = x_btd.shape
     n, kv, h = config.num_heads, config.num_kv_heads, config.head_dim
@@ -198,7 +196,7 @@ def lora_targets(config: ModelConfig) -> tuple[str, ...]:
   """`config.lora.targets`, checked against the projections this architecture has."""
   if config.lora is None:
     raise ValueError("config.lora is None: set a LoraConfig to create adapters")
-  have = PROJECTIONS if config.is_decoder else tuple(p for p in PROJECTIONS if p != "gate")
+  have = LORA_TARGETS if config.is_decoder else tuple(p for p in LORA_TARGETS if p != "gate")
   for target in config.lora.targets:
     if target not in have:
       raise ValueError(f"LoRA target {target!r} is not a projection of this {config.arch} model")

@@ -24,7 +24,7 @@ from models.config import ModelConfig
 Params = dict[str, Any]
 HEAD_KEYS = ("embed", "embed_norm")
 TAIL_KEYS = ("final_norm", "head")
-SUBMODULES = (*HEAD_KEYS, "blocks", *TAIL_KEYS)
+SUBMODULES = (*HEAD_KEYS, "blocks", "final_norm")  # merged and called; the head is read as a matrix
 
 
 class Transformer(nnx.Module):
@@ -61,8 +61,9 @@ def model_class(config: ModelConfig) -> type[nnx.Module]:
 
 @functools.cache
 def graphdefs(config: ModelConfig, lora_targets: tuple[str, ...] | None) -> dict[str, nnx.GraphDef]:
-  """The graphs of the model's submodules ("embed", "embed_norm", "blocks" (one layer's), "final_norm", "head",
-  those it has), built abstractly with adapters on `lora_targets` (None: without adapters)."""
+  """The graphs of the model's submodules ("embed", "embed_norm", "blocks", "final_norm", those it has), built
+  abstractly with adapters on `lora_targets` (None: without adapters). Graphs hold no shapes, so the stacked
+  blocks' graph merges one layer's slice of their state."""
   if lora_targets is not None and config.lora is None:
     raise ValueError("adapters given but config.lora is None: set a LoraConfig (its scale and dropout apply)")
   lora = None if lora_targets is None else dataclasses.replace(config.lora, targets=lora_targets)
@@ -80,7 +81,7 @@ def _merged(config: ModelConfig, name: str, state: Params, lora: Params | None =
 
 def init_params(config: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
   """Random base weights (normal(0, std) matrices, unit norms, zero biases) in `param_dtype`: the state of a
-  fresh `Transformer`."""
+  fresh `model_class(config)`."""
   return nnx.to_pure_dict(nnx.state(model_class(config)(config, key=rng, std=std), nnx.Param))
 
 

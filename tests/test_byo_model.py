@@ -38,7 +38,7 @@ class QKNormBlock(nnx.Module):
   def __call__(self, x_btd, positions_bt, mask_b1ts, *, rng=None, kv_cache=None, prefix=None):
     assert kv_cache is None and prefix is None  # training and scoring only in this test
     c = self.config
-    keys = dict(zip(modules.PROJECTIONS, jax.random.split(rng, 7))) if rng is not None else {}
+    keys = dict(zip(models.config.LORA_TARGETS, jax.random.split(rng, 7))) if rng is not None else {}
     proj = lambda name, x: getattr(self, name)(x, keys.get(name))
     b, t, _ = x_btd.shape
     h_in = self.attn_norm(x_btd)
