@@ -134,3 +134,18 @@ def test_the_forward_is_the_same_in_nnx_tree_mode(module):
     models.transformer.graphdefs.cache_clear()
   np.testing.assert_array_equal(got, want)
   assert jax.tree.all(jax.tree.map(np.array_equal, built, params))
+
+
+def test_load_model_holds_the_loaded_weights_and_fresh_adapters():
+  """`models.load_model` is `models.load` plus `init_lora` in an nnx module: splitting it gives back exactly
+  that state, and calling it is `models.apply` on it."""
+  lora_config = models.LoraConfig(targets=("q", "v"), dropout=0.0)
+  model, _ = models.load_model("tiny-llama", lora=lora_config, lora_rng=jax.random.key(4))
+  config, params, _ = models.load("tiny-llama", lora=lora_config)
+  lora = jax.tree.map(lambda x: x + 0.01, models.init_lora(config, jax.random.key(4)))
+  _, lora_state, base_state = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  assert jax.tree.all(jax.tree.map(np.array_equal, nnx.to_pure_dict(base_state), params))
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a + 0.01, b), nnx.to_pure_dict(lora_state), lora))
+  nnx.update(model, jax.tree.map(lambda x: x + 0.01, lora_state))  # a trained adapter, B != 0
+  ids = jax.random.randint(jax.random.key(2), (2, 6), 1, 250)
+  np.testing.assert_array_equal(model(ids), models.apply(config, params, ids, lora=lora))
