@@ -10,7 +10,7 @@ import pytest
 import models
 from fellrec_jax.config import RunConfig
 from fellrec_jax.data import pipeline
-from federated import item_attack
+from federated import client, cut_defense, item_attack, losses
 from federated.cut_defense import CutDefense
 
 I, D, T = 60, 32, 8
@@ -20,7 +20,8 @@ I, D, T = 60, 32, 8
 def tiny_items():
   """A causal 3-block tiny-bert whose token table is `I` random item input vectors."""
   config = models.tiny_bert(vocab_size=64, hidden_size=D, num_layers=3, num_heads=2, num_kv_heads=2, head_dim=16,
-                            intermediate_size=48, causal=True)
+                            intermediate_size=48, causal=True,
+                            lora=models.LoraConfig(rank=4, dropout=0.0, targets=("q", "v", "up")))
   base = models.init_params(config, jax.random.key(0))
   item_input = np.asarray(jax.random.normal(jax.random.key(1), (I, D)))
   rng = np.random.default_rng(0)
@@ -69,13 +70,49 @@ def test_items_are_read_back_at_k0_and_deeper_and_heavy_noise_hides_them(tiny_it
                                                  noised["nearest"]["history_token_accuracy"])
 
 
-@pytest.mark.slow  # two short federated runs of tiny-bert and their attacks (~1 min on 2 shared cores)
+def test_cached_head_activations_are_noised_afresh_each_step(tiny_items, monkeypatch):
+  """`--cache_head` with `--cut_noise`: the head's activations are computed once, but what the server receives
+  is them plus noise drawn from each micro-batch's key, exactly as an uncached head's output would be."""
+  config, base, item_input, victims, _ = tiny_items
+  k, n = 2, 4
+  base = dict(base, items={"input_id": item_input, "table_id": item_input})
+  lora = {"blocks": models.init_lora(config, base, jax.random.key(2))["blocks"], "items": {"table_id": item_input}}
+  ids, mask = victims.ids[:n], victims.mask[:n]
+  batch = {"input_ids": ids, "attention_mask": mask, "target": ids, "example_mask": np.ones(n, np.int32)}
+  head = models.split(config, base, k)[0]
+  act = models.client_head(config, models.item_token_params(head, item_input), ids, mask)
+  spec = client.LocalSpec(config, split_k=k, hidden=True, item_side="table", item_tokens=True,
+                          defense=CutDefense(noise=1.0))
+  received = []
+  body = models.server_body
+
+  def spy(cfg, p, a, m, **kw):
+    jax.debug.callback(lambda x: received.append(np.asarray(x)), a)
+    return body(cfg, p, a, m, **kw)
+  monkeypatch.setattr(models, "server_body", spy)
+  loss_fn = losses.discriminative_loss(config, temperature=0.1)
+  step = jax.jit(client.split_value_and_grad, static_argnums=(0, 5))
+  for rng in (jax.random.key(5), jax.random.key(6)):
+    for b in (batch, dict(batch, head_act=act)):
+      jax.block_until_ready(step(spec, base, lora, b, rng, loss_fn))
+  uncached_5, cached_5, uncached_6, cached_6 = received
+  want = cut_defense.add_cut_noise(act, jax.random.fold_in(jax.random.key(5), cut_defense.NOISE_STREAM), 1.0, None)
+  np.testing.assert_allclose(cached_5, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cached_5, uncached_5, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(cached_6, uncached_6, rtol=1e-4, atol=1e-4)
+  noise_5, noise_6 = cached_5 - np.asarray(act), cached_6 - np.asarray(act)
+  assert np.linalg.norm(noise_5) > 0.5 * np.linalg.norm(np.asarray(act))  # the stated ratio (1), not ~0
+  assert abs(np.corrcoef(noise_5.ravel(), noise_6.ravel())[0, 1]) < 0.1  # fresh per step, not cached
+
+
+@pytest.mark.slow  # two short federated runs of tiny-llama and their attacks (~1 min on 2 shared cores)
 def test_attack_curve_on_item_inputs_with_a_cached_head(tmp_path):
-  """`--mode=attack --attack_sweep` on the item-as-token path with `--cache_head`: an undefended row whose
+  """`--mode=attack --attack_sweep` on the item-as-token path with `--cache_head` (tiny-llama run as a causal
+item-as-token model; tiny-bert's untied head trips the split's cost report in `run_strategy`): an undefended row whose
   history items are read back and a noised row whose are not, labels not applicable, utility recorded."""
   from launch import attack as launch_attack
 
-  cfg = RunConfig(mode="attack", model="tiny-bert", task="discriminative", disc_input="items", item_side="table",
+  cfg = RunConfig(mode="attack", model="tiny-llama", task="discriminative", disc_input="items", item_side="table",
                   item_ids=True, cache_head=True, history_len=12, partition="random", num_clients=2, rounds=1,
                   batch_size=8, learning_rate=1e-2, lora_targets=("q", "v", "up", "down"), split_k=(2,),
                   max_eval_users=8, warm_start_steps=0, baselines=(), attack_sweep=("cut_noise=16",),
