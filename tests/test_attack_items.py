@@ -105,14 +105,14 @@ def test_cached_head_activations_are_noised_afresh_each_step(tiny_items, monkeyp
   assert abs(np.corrcoef(noise_5.ravel(), noise_6.ravel())[0, 1]) < 0.1  # fresh per step, not cached
 
 
-@pytest.mark.slow  # two short federated runs of tiny-llama and their attacks (~1 min on 2 shared cores)
+@pytest.mark.slow  # two short federated runs of tiny-bert and their attacks (~1 min on 2 shared cores)
 def test_attack_curve_on_item_inputs_with_a_cached_head(tmp_path):
-  """`--mode=attack --attack_sweep` on the item-as-token path with `--cache_head` (tiny-llama run as a causal
-item-as-token model; tiny-bert's untied head trips the split's cost report in `run_strategy`): an undefended row whose
+  """`--mode=attack --attack_sweep` on the item-as-token path with `--cache_head` (tiny-bert, an encoder
+without an LM head like MiniLM: `run_strategy` leaves out the generative split-cost report): an undefended row whose
   history items are read back and a noised row whose are not, labels not applicable, utility recorded."""
   from launch import attack as launch_attack
 
-  cfg = RunConfig(mode="attack", model="tiny-llama", task="discriminative", disc_input="items", item_side="table",
+  cfg = RunConfig(mode="attack", model="tiny-bert", task="discriminative", disc_input="items", item_side="table",
                   item_ids=True, cache_head=True, history_len=12, partition="random", num_clients=2, rounds=1,
                   batch_size=8, learning_rate=1e-2, lora_targets=("q", "v", "up", "down"), split_k=(2,),
                   max_eval_users=8, warm_start_steps=0, baselines=(), attack_sweep=("cut_noise=16",),
