@@ -105,7 +105,7 @@ def test_cached_head_activations_are_noised_afresh_each_step(tiny_items, monkeyp
   assert abs(np.corrcoef(noise_5.ravel(), noise_6.ravel())[0, 1]) < 0.1  # fresh per step, not cached
 
 
-@pytest.mark.slow  # two short federated runs of tiny-bert and their attacks (~1 min on 2 shared cores)
+@pytest.mark.slow  # two short federated runs of tiny-bert and their attacks (~25 s on 2 quiet cores)
 def test_attack_curve_on_item_inputs_with_a_cached_head(tmp_path):
   """`--mode=attack --attack_sweep` on the item-as-token path with `--cache_head` (tiny-bert, an encoder
 without an LM head like MiniLM: `run_strategy` leaves out the generative split-cost report): an undefended row whose
