@@ -275,31 +275,47 @@ def attack_at_k(config: ModelConfig, base: Params, k: int, victims: PromptSet, p
                 seed: int = 0, defense: CutDefense = CutDefense()) -> dict[str, Any]:
   """Both attacks at cut k under `defense`; the reported `token_accuracy` etc. are those of the stronger
   one per metric."""
+  act_victims, act_public = (cut_activations(config, base, p.ids, p.mask, k, lora=victim_lora) for p in (victims, public))
+  return {"k": k, **invert(defense, base["embed"]["table_vd"], act_victims, victims, act_public, public, recovery,
+                           inverter_steps=inverter_steps, inverter_hidden=inverter_hidden, seed=seed)}
+
+
+def invert(defense: CutDefense, table_vd, act_victims: np.ndarray, victims, act_public: np.ndarray, public,
+           score, *, inverter_steps: int = 400, inverter_hidden: int = 512, seed: int = 0) -> dict[str, Any]:
+  """Both attacks on head outputs as the server receives them under `defense`: nearest row of `table_vd`
+  and an inverter trained on the public rows' (noised) activations against their `ids`. `victims`/`public`
+  carry `ids`, `mask` and `prompt_mask` (the positions sent under a private response); `score(pred, seen)`
+  the metrics. Returns the stronger attack's value per metric (None where a metric does not apply), and
+  both attacks' own under "nearest" and "learned"."""
   key_victims, key_public = jax.random.split(jax.random.key(seed + 7919))
-  act_victims, seen = server_view(defense, cut_activations(config, base, victims.ids, victims.mask, k,
-                                                           lora=victim_lora), victims, key_victims)
-  nearest = recovery(nearest_embedding(base["embed"]["table_vd"], act_victims), victims, seen)
-  act_public, seen_public = server_view(defense, cut_activations(config, base, public.ids, public.mask, k,
-                                                                 lora=victim_lora), public, key_public)
-  inverter = train_inverter(act_public, public.ids, seen_public, hidden=inverter_hidden, steps=inverter_steps,
+  view_victims, seen = server_view(defense, act_victims, victims, key_victims)
+  nearest = score(nearest_embedding(table_vd, view_victims), victims, seen)
+  view_public, seen_public = server_view(defense, act_public, public, key_public)
+  inverter = train_inverter(view_public, public.ids, seen_public, hidden=inverter_hidden, steps=inverter_steps,
                             seed=seed)
-  learned = recovery(inverter.predict(act_victims), victims, seen)
-  best = {m: max(nearest[m], learned[m]) for m in nearest}
-  return {"k": k, **best, "nearest": nearest, "learned": learned}
+  learned = score(inverter.predict(view_victims), victims, seen)
+  best = {m: None if nearest[m] is None else max(nearest[m], learned[m]) for m in nearest}
+  return {**best, "nearest": nearest, "learned": learned}
+
+
+def per_k_table(per_k: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """`attack_at_k` results (one per cut) as per-k lists of every metric, the stronger attack's and each one's."""
+  metrics = ("token_accuracy", "history_token_accuracy", "title_recovery", "target_recovery")
+  out: dict[str, Any] = {"k": [r["k"] for r in per_k]}
+  for m in metrics:
+    out[m] = [r[m] for r in per_k]
+  for attack in ("nearest", "learned"):
+    out[attack] = {m: [r[attack][m] for r in per_k] for m in metrics}
+  return out
 
 
 def run_attack(config: ModelConfig, base: Params, ks: Sequence[int], victims: PromptSet, public: PromptSet, *,
                victim_lora: Params | None = None, inverter_steps: int = 400, inverter_hidden: int = 512,
                seed: int = 0, defense: CutDefense = CutDefense()) -> dict[str, Any]:
   """`attack.json`'s content: per-k lists of every metric, both attacks, and the tail-offload numbers."""
-  per_k = [attack_at_k(config, base, k, victims, public, victim_lora=victim_lora, inverter_steps=inverter_steps,
-                       inverter_hidden=inverter_hidden, seed=seed, defense=defense) for k in ks]
-  metrics = ("token_accuracy", "history_token_accuracy", "title_recovery", "target_recovery")
-  out: dict[str, Any] = {"k": list(ks)}
-  for m in metrics:
-    out[m] = [r[m] for r in per_k]
-  for attack in ("nearest", "learned"):
-    out[attack] = {m: [r[attack][m] for r in per_k] for m in metrics}
+  out = per_k_table([attack_at_k(config, base, k, victims, public, victim_lora=victim_lora,
+                                 inverter_steps=inverter_steps, inverter_hidden=inverter_hidden, seed=seed,
+                                 defense=defense) for k in ks])
   out["tail_offloaded"] = {
       "label_recovery": 1.0,  # the loss's inputs are the label tokens: a server running the tail holds them
       "logit_argmax_target_accuracy": logit_argmax_target_accuracy(config, base, victims, lora=victim_lora)}

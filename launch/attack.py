@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from absl import logging
 
 from fellrec_jax.config import RunConfig
-from federated import attack, cut_defense, experiment, representations
+from fellrec_jax.data import pipeline
+from federated import attack, cut_defense, experiment, item_attack, representations
 
 NO_DEFENSE = dict(cut_noise=0.0, cut_clip=None, cut_nopeek=0.0, private_response=False, loss_upload_noise=0.0,
                   loss_upload_step=None)
@@ -41,7 +42,8 @@ def plot(result: dict[str, Any], path: pathlib.Path, title: str) -> None:
   ax.plot(ks, result["token_accuracy"], "o-", label="prompt tokens")
   ax.plot(ks, result["history_token_accuracy"], "s-", label="history-title tokens")
   ax.plot(ks, result["title_recovery"], "^-", label="history titles exact")
-  ax.plot(ks, result["target_recovery"], "v-", label="next-item title exact")
+  if None not in result["target_recovery"]:  # item inputs: the label never crosses the cut
+    ax.plot(ks, result["target_recovery"], "v-", label="next-item title exact")
   ax.plot(ks, result["nearest"]["token_accuracy"], ":", color="gray", label="nearest embedding (tokens)")
   ax.set_xlabel("cut k (blocks on the client before the server)")
   ax.set_ylabel("recovered by the server")
@@ -90,7 +92,9 @@ def setting_config(cfg: RunConfig, flag: str, value: float, k: int, workdir: pat
 def curve_row(cfg: RunConfig, flag: str, value: float, k: int, results: dict, attacked: dict) -> dict[str, Any]:
   """One `attack.json["curve"]` row: recovery by the learned inverter and by nearest embedding (tokens of the
   prompt), the stronger attack's history-title tokens and exact next-item titles (the label), and the
-  defended run's best mean validation loss, test ndcg@10 and last round's FELLRec warm weights."""
+  defended run's best mean validation loss, test ndcg@10 and last round's FELLRec warm weights. Item-as-token
+  inputs (attack.json["inputs"] == "items"): every recovery is the fraction of history items recovered, and
+  `label_recovery` is None (the label never crosses the cut)."""
   valid = [log["valid"]["mean_loss"] for log in results["rounds"] if "valid" in log]
   return {"defense": flag, "strength": value, "split_k": k,
           "inverter_token_recovery": attacked["learned"]["token_accuracy"],
@@ -102,67 +106,127 @@ def curve_row(cfg: RunConfig, flag: str, value: float, k: int, results: dict, at
           "nearest": attacked["nearest"], "defense_flags": {f: getattr(cfg, f) for f in NO_DEFENSE}}
 
 
-def run_curve(cfg: RunConfig, ks: list[int], prep, model, public: attack.PromptSet, *, num_victims: int,
-              **attack_kwargs) -> list[dict]:
-  """Trains and attacks every `--attack_sweep` setting and the undefended reference at each cut k."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What one run attacks: `victims` (for the per-k table), `client0` (client 0's rows, for the curve),
+  `public` (the server's own rows), `item_emb` (the run's item embeddings, or None), and
+  `attack(k, victims, lora, defense) -> attack_at_k-like dict`, `table(ks, defense) -> attack.json's`."""
+
+  victims: Any
+  client0: Any
+  public: Any
+  item_emb: np.ndarray | None
+  attack: Callable[..., dict]
+  table: Callable[..., dict]
+  unit: str = "title tokens"  # what "title_token_recovery" counts
+
+
+def prompt_target(cfg: RunConfig, prep, model, *, num_victims: int, num_public: int, **kwargs) -> Target:
+  """Generative prompts: victims are training windows' prompts, the public prompts random catalogue titles."""
   config, base, tokenizer = model
-  titles = list(prep.titles)
+  titles, noun = list(prep.titles), prep.dataset.item_noun
+  rng = np.random.default_rng(cfg.seed)
+  chosen = rng.choice(len(prep.train), size=min(num_victims, len(prep.train)), replace=False)
+  victims = attack.private_prompts(prep.train.take(np.sort(chosen)), titles, noun, tokenizer, cutoff=cfg.cutoff_len)
+  public = attack.public_prompts(titles, noun, tokenizer, num=num_public, history_len=cfg.history_len,
+                                 seed=cfg.seed + 1, cutoff=cfg.cutoff_len)
   own = np.flatnonzero(prep.clients[prep.train.user] == 0)  # client 0's windows: its adapters made them
-  chosen = np.sort(np.random.default_rng(cfg.seed).choice(own, size=min(num_victims, len(own)),
-                                                          replace=False))
-  victims = attack.private_prompts(prep.train.take(chosen), titles, prep.dataset.item_noun, tokenizer,
-                                   cutoff=cfg.cutoff_len)
-  item_emb = (representations.item_embeddings(config, base, tokenizer, titles) if "l2" in cfg.decoding else None)
+  mine = np.sort(np.random.default_rng(cfg.seed).choice(own, size=min(num_victims, len(own)), replace=False))
+  client0 = attack.private_prompts(prep.train.take(mine), titles, noun, tokenizer, cutoff=cfg.cutoff_len)
+  item_emb = representations.item_embeddings(config, base, tokenizer, titles) if "l2" in cfg.decoding else None
+  logging.info("attack on %s: %d victim prompts (%d titles), %d public prompts", cfg.model, len(victims.ids),
+               sum(map(len, victims.title_spans)), len(public.ids))
+  return Target(victims, client0, public, item_emb,
+                lambda k, v, lora, d: attack.attack_at_k(config, base, k, v, public, victim_lora=lora, seed=cfg.seed,
+                                                         defense=d, **kwargs),
+                lambda ks, d: attack.run_attack(config, base, ks, victims, public, seed=cfg.seed, defense=d, **kwargs))
+
+
+def item_target(cfg: RunConfig, prep, model, *, num_victims: int, num_public: int, **kwargs) -> Target:
+  """Item-as-token rows (`federated.item_attack`): victims are training chunks; the public rows random
+  catalogue items, popularity-weighted where the server receives the clients' item counts."""
+  config, base, tokenizer = model
+  item_emb = representations.item_embeddings(config, base, tokenizer, list(prep.titles))
+  chunks = pipeline.item_sequence_clients(prep, cfg.history_len)
+  every = pipeline.ItemSequences(*(np.concatenate([getattr(c, f) for c in chunks])
+                                   for f in ("input_ids", "attention_mask", "target")))
+  counts = experiment.item_counts(chunks, len(item_emb)).sum(0)
+  told = cfg.item_aggregation == "rows" and (cfg.item_side == "table" or cfg.item_ids)
+  public = item_attack.public_rows(len(item_emb), every.attention_mask.sum(1), num=num_public,
+                                   seq_len=cfg.history_len, seed=cfg.seed + 1, popularity=counts + 1 if told else None)
+  victims = item_attack.private_rows(every, num=num_victims, seed=cfg.seed)
+  client0 = item_attack.private_rows(chunks[0], num=num_victims, seed=cfg.seed)
+  logging.info("attack on %s item-as-token rows: %d victim rows (%d items), %d public rows of %s catalogue items",
+               cfg.model, len(victims.ids), int(victims.mask.sum()), len(public.ids),
+               "popularity-weighted" if told else "uniform")
+  causal = experiment.task_config(cfg, config)
+  head_lora = lambda lora: None if cfg.cache_head else lora  # a cached head ran without adapters
+  return Target(victims, client0, public, item_emb,
+                lambda k, v, lora, d: item_attack.attack_items_at_k(causal, base, item_emb, k, v, public, seed=cfg.seed,
+                                                                    victim_lora=head_lora(lora), defense=d, **kwargs),
+                lambda ks, d: item_attack.run_item_attack(causal, base, item_emb, ks, victims, public, seed=cfg.seed,
+                                                          defense=d, **kwargs), unit="items")
+
+
+def _fmt(x) -> str:
+  return "n/a" if x is None else f"{x:.3f}"
+
+
+def run_curve(cfg: RunConfig, ks: list[int], prep, model, target: Target, on_row=lambda rows: None) -> list[dict]:
+  """Trains and attacks every `--attack_sweep` setting and the undefended reference at each cut k;
+  `on_row(rows)` after each row (the run writes attack.json as it goes)."""
   rows = []
   for k in ks:
     for flag, value in [("none", 0.0), *cfg.sweep_settings()]:
       workdir = pathlib.Path(cfg.workdir) / "curve" / f"k{k}_{flag}_{value:g}"
       run_cfg = setting_config(cfg, flag, value, k, workdir)
       adapters = {}
-      results = experiment.run_strategy(run_cfg, run_cfg.strategies[0], prep, model, workdir, item_emb, {}, adapters)
+      results = experiment.run_strategy(run_cfg, run_cfg.strategies[0], prep, model, workdir, target.item_emb, {},
+                                        adapters)
       lora = jax.tree.map(lambda x: x[0], {"blocks": adapters["best"]["blocks"]})
-      attacked = attack.attack_at_k(config, base, k, victims, public, victim_lora=lora, seed=cfg.seed,
-                                    defense=cut_defense.defense_of(run_cfg), **attack_kwargs)
+      attacked = target.attack(k, target.client0, lora, cut_defense.defense_of(run_cfg))
       rows.append(curve_row(run_cfg, flag, value, k, results, attacked))
-      print(f"k={k} {flag}={value:g}: title tokens {rows[-1]['title_token_recovery']:.3f} (inverter "
-            f"{attacked['learned']['history_token_accuracy']:.3f}), labels {rows[-1]['label_recovery']:.3f}, "
-            f"valid loss {rows[-1]['valid_loss']:.4f}, ndcg@10 {rows[-1]['ndcg@10']:.4f}")
+      print(f"k={k} {flag}={value:g}: history {target.unit} "
+            f"{rows[-1]['title_token_recovery']:.3f} (inverter {attacked['learned']['history_token_accuracy']:.3f}, "
+            f"nearest {attacked['nearest']['history_token_accuracy']:.3f}), labels {_fmt(rows[-1]['label_recovery'])}, "
+            f"valid loss {rows[-1]['valid_loss']:.4f}, ndcg@10 {rows[-1]['ndcg@10']:.4f}", flush=True)
+      on_row(rows)
   return rows
 
 
 def run(cfg: RunConfig, split_ks: list[int] | None, *, num_victims: int = 256, num_public: int = 1000,
         inverter_steps: int = 400, inverter_hidden: int = 512) -> dict[str, Any]:
   prep, _ = experiment.prepare(cfg)
-  titles = list(prep.titles)
-  config, base, tokenizer = experiment.load_model(cfg, titles)
-  if not config.is_decoder:
-    raise ValueError(f"--mode=attack needs a decoder backbone; {cfg.model} is an encoder")
+  config, base, tokenizer = experiment.load_model(cfg, list(prep.titles))
+  items = cfg.task == "discriminative" and cfg.disc_input == "items"
+  if not (config.is_decoder or items):
+    raise ValueError(f"--mode=attack needs a decoder backbone or item-as-token inputs (--task=discriminative "
+                     f"--disc_input=items); {cfg.model} is an encoder reading text prompts")
   ks = list(split_ks) if split_ks else sorted({0, 1, config.num_layers // 2, config.num_layers - 1})
   bad = [k for k in ks if not 0 <= k <= config.num_layers - 1]
   if bad:
     raise ValueError(f"--split_k={bad} out of range [0, {config.num_layers - 1}] for {cfg.model}")
-  noun = prep.dataset.item_noun
-  rng = np.random.default_rng(cfg.seed)
-  chosen = rng.choice(len(prep.train), size=min(num_victims, len(prep.train)), replace=False)
-  victims = attack.private_prompts(prep.train.take(np.sort(chosen)), titles, noun, tokenizer, cutoff=cfg.cutoff_len)
-  public = attack.public_prompts(titles, noun, tokenizer, num=num_public, history_len=cfg.history_len,
-                                 seed=cfg.seed + 1, cutoff=cfg.cutoff_len)
-  logging.info("attack on %s: %d victim prompts (%d titles), %d public prompts, k=%s", cfg.model, len(victims.ids),
-               sum(map(len, victims.title_spans)), len(public.ids), ks)
-  result = attack.run_attack(config, base, ks, victims, public, inverter_steps=inverter_steps,
-                             inverter_hidden=inverter_hidden, seed=cfg.seed, defense=cut_defense.defense_of(cfg))
-  result |= {"model": cfg.model, "dataset": cfg.dataset, "num_layers": config.num_layers}
+  target = (item_target if items else prompt_target)(cfg, prep, (config, base, tokenizer), num_victims=num_victims,
+                                                      num_public=num_public, inverter_steps=inverter_steps,
+                                                      inverter_hidden=inverter_hidden)
+  result = target.table(ks, cut_defense.defense_of(cfg))
+  result |= {"model": cfg.model, "dataset": cfg.dataset, "num_layers": config.num_layers,
+             "inputs": "items" if items else "tokens"}
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if cfg.attack_sweep:
-    result["curve"] = run_curve(cfg, ks, prep, (config, base, tokenizer), public, num_victims=num_victims,
-                                inverter_steps=inverter_steps, inverter_hidden=inverter_hidden)
-    plot_curve(result["curve"], workdir / "attack_curve.png", f"{cfg.model} on {cfg.dataset}: defenses at the cut")
-  (workdir / "attack.json").write_text(json.dumps(result, indent=1))
+  write = lambda: (workdir / "attack.json").write_text(json.dumps(result, indent=1))
+  write()
   plot(result, workdir / "attack.png", f"{cfg.model} on {cfg.dataset}: inversion of the activations at cut k")
   for i, k in enumerate(result["k"]):
     print(f"k={k:2d}  tokens {result['token_accuracy'][i]:.3f}  history tokens {result['history_token_accuracy'][i]:.3f}"
-          f"  titles {result['title_recovery'][i]:.3f}  next item {result['target_recovery'][i]:.3f}")
-  print(f"tail offloaded: labels 1.0 (loss input); logit argmax on response tokens "
-        f"{result['tail_offloaded']['logit_argmax_target_accuracy']:.3f}")
+          f"  titles {result['title_recovery'][i]:.3f}  next item {_fmt(result['target_recovery'][i])}")
+  print(f"tail offloaded: labels {_fmt(result['tail_offloaded']['label_recovery'])}; logit argmax on response tokens "
+        f"{_fmt(result['tail_offloaded']['logit_argmax_target_accuracy'])}")
+  if cfg.attack_sweep:
+    result["references"] = {n: r["overall"] for n, r in experiment.reference_rows(cfg, prep).items()}
+    write()
+    result["curve"] = run_curve(cfg, ks, prep, (config, base, tokenizer), target,
+                                on_row=lambda rows: (result.update(curve=rows), write()))
+    plot_curve(result["curve"], workdir / "attack_curve.png", f"{cfg.model} on {cfg.dataset}: defenses at the cut")
+  write()
   return result

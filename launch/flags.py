@@ -13,7 +13,8 @@ from fellrec_jax.config import STRATEGIES, ConfigError, RunConfig, option_fields
 HELP = {
     "mode": "train: run the strategies; prepare: only load/split/partition the data and write data_stats.json; "
             "resources: client/server parameters, memory, FLOPs and traffic across --split_k (resources.json); "
-            "attack: invert the activations the server sees at each --split_k (attack.json, attack.png); "
+            "attack: invert the activations the server sees at each --split_k, prompt tokens for decoders, history "
+            "items for --disc_input=items (attack.json, attack.png); "
             "export: each client's evaluated adapter of the run in --workdir as a PEFT adapter directory "
             "(<workdir>/export/client_<i>), the base in transformers' layout where it was not one already "
             "(export/base), settings read from the run's checkpoint.",
