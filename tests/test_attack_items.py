@@ -76,7 +76,7 @@ def test_cached_head_activations_are_noised_afresh_each_step(tiny_items, monkeyp
   config, base, item_input, victims, _ = tiny_items
   k, n = 2, 4
   base = dict(base, items={"input_id": item_input, "table_id": item_input})
-  lora = {"blocks": models.init_lora(config, base, jax.random.key(2))["blocks"], "items": {"table_id": item_input}}
+  lora = {"blocks": models.init_lora(config, jax.random.key(2))["blocks"], "items": {"table_id": item_input}}
   ids, mask = victims.ids[:n], victims.mask[:n]
   batch = {"input_ids": ids, "attention_mask": mask, "target": ids, "example_mask": np.ones(n, np.int32)}
   head = models.split(config, base, k)[0]
