@@ -294,9 +294,9 @@ def run_strategy(cfg: RunConfig, name: str, prep, model, workdir: Path, item_emb
            "bytes_up": float(sum(log["bytes_up"] for log in history)),
            "bytes_down": float(sum(log["bytes_down"] for log in history)),
            "seconds_per_round": statistics.median(seconds[1:] or seconds)}
-  if eng.cuts[0] is not None and not (config.tie_embeddings or "head" in base):
+  if eng.cuts[0] is not None and not config.is_decoder:
     logging.info("[%s] results.json has no resources.split: the per-cut cost report models a generative tail "
-                 "(an LM head), which %s lacks", name, cfg.model)
+                 "(an LM head), which the encoder %s lacks", name, cfg.model)
   elif eng.cuts[0] is not None:  # memory, FLOPs and traffic of the client's and server's compiled segments
     usage["split"] = [resources.report(config, k, batch_size=cfg.batch_size, seq_len=int(eng.train_examples[0].seq_len),
                                        base=base, micro_per_round=eng.micro_per_round, server_lora=cfg.server_lora)
