@@ -168,6 +168,7 @@ def test_the_round_updates_the_state_in_place(small):
   assert four["round_outputs"] < 4 * 1024  # what is not: the statistics
 
 
+@pytest.mark.slow  # the measured_run fixture and an engine resume (~45 s from a cold compilation cache)
 def test_copies_of_the_adapters_are_held_only_when_read(small, tmp_path):
   """The round's starting adapters are copied only for what reads them after the round (an update-based
   FELLRec similarity here), the best adapters only with --keep_best; without them the last adapters are

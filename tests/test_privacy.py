@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
@@ -84,6 +85,7 @@ def test_epsilon_monotone_in_noise_rounds_and_sampling():
   assert report["delta"] == 1e-5
 
 
+@pytest.mark.slow  # local training rounds with DP uploads (~15 s cold)
 def test_training_with_dp_uploads_still_lowers_the_loss():
   """FedAvg over 3 tiny-llama clients with every upload clipped and noised: the loss still drops."""
   cfg = dataclasses.replace(models.tiny_llama(vocab_size=61, num_layers=2),

@@ -41,6 +41,7 @@ def test_client_and_server_counts_add_up(tied):
   assert frozen["server_lora_params"] == 0 and frozen["server_opt_bytes"] == 0
 
 
+@pytest.mark.slow  # compiles the split step at every k (~17 s cold)
 def test_client_share_grows_with_k_and_traffic_matches_the_split_step():
   cfg = _tiny()
   rows = [resources.report(cfg, k, batch_size=2, seq_len=16, micro_per_round=3)
