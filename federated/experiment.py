@@ -49,6 +49,7 @@ def load_model(cfg: RunConfig, titles: list[str]):
   tiny = cfg.model in models.TINY_PRESETS
   corpus = list(titles) + [examples.ALPACA_TEMPLATE]  # holds every template's text
   config, params, tokenizer = models.load(cfg.model, dtype=cfg.dtype, lora=lora, remat=cfg.remat,
+                                          scan_layers=cfg.scan_layers,
                                           **({"seed": cfg.seed, "corpus": corpus} if tiny else {}))
   if tokenizer is None:
     raise ConfigError(f"--model={cfg.model!r} has no tokenizer files; training needs one")

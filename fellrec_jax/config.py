@@ -100,6 +100,7 @@ class RunConfig:
   cache_head: bool = False  # item inputs: the client head has no adapters; its activations computed once
   dtype: Dtype = "float32"
   remat: bool = False
+  scan_layers: bool = True
   warm_start_steps: int = 300
   lora_rank: int = 8
   lora_alpha: float = 16.0

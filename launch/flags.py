@@ -41,6 +41,9 @@ HELP = {
     "model": "Backbone: tiny-llama, tiny-bert, smollm2-135m, minilm-l6, an HF directory or a .gguf file.",
     "dtype": "Parameter and compute dtype of the base model (float32, bfloat16).",
     "remat": "Rematerialise each block in the backward pass (saves activation memory).",
+    "scan_layers": "Run the blocks under one lax.scan (compile time independent of depth). --noscan_layers "
+                   "unrolls them in Python: longer compiles, but no per-layer stacking of the saved "
+                   "activations (about 10% faster rounds for small models on CPU).",
     "task": "generative: BIGRec (generate a title, ground it to items); discriminative: score every item "
             "(the default for encoders).",
     "disc_temperature": "Softmax temperature of discriminative training (user . item / T).",

@@ -36,7 +36,7 @@ def model_config(cfg: RunConfig) -> models.ModelConfig:
     config, _, _ = models.load(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
   else:
     config, _, _ = models.load(cfg.model, dtype=cfg.dtype)  # a preset or .gguf: its metadata decides the shapes
-  return dataclasses.replace(config, lora=experiment.lora_config(cfg), remat=cfg.remat)
+  return dataclasses.replace(config, lora=experiment.lora_config(cfg), remat=cfg.remat, scan_layers=cfg.scan_layers)
 
 
 def micro_per_round(cfg: RunConfig) -> int | None:

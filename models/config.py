@@ -62,6 +62,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = True  # False: a Python loop over the blocks (one program per layer; see run_blocks)
   bos_id: int | None = None
   eos_id: int | None = None
   pad_id: int = 0

@@ -92,7 +92,8 @@ def run_blocks(config: ModelConfig, blocks: Params, x_btd: jax.Array, attention_
                kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                positions_bt: jax.Array | None = None, mask_b1ts: jax.Array | None = None,
                prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None):
-  """Runs a stack of blocks (leading layer axis, possibly empty) with `lax.scan`.
+  """Runs a stack of blocks (leading layer axis, possibly empty) with `lax.scan`, or a Python loop over
+  its layers when `config.scan_layers` is False.
 
   Without a cache, positions and the mask are derived from `attention_mask_bt` ([B, T]); with
   `kv_cache=(k_lbskh, v_lbskh, index)` the caller passes positions and the `[B, 1, T, S]` mask, and
@@ -117,7 +118,16 @@ def run_blocks(config: ModelConfig, blocks: Params, x_btd: jax.Array, attention_
 
   if config.remat:
     step = jax.checkpoint(step)
-  x, new_caches = jax.lax.scan(step, x_btd, (blocks, lora_blocks or None, rngs, caches, prefix_kv))
+  layers = (blocks, lora_blocks or None, rngs, caches, prefix_kv)
+  if config.scan_layers:
+    x, new_caches = jax.lax.scan(step, x_btd, layers)
+  else:  # what scan saves for the backward pass is written into [L, ...] stacks, then sliced back out
+    x, new_caches = x_btd, []
+    for i in range(num_layers):
+      x, cache = step(x, jax.tree.map(lambda a: a[i], layers))
+      new_caches.append(cache)
+    new_caches = (None if kv_cache is None else caches if num_layers == 0
+                  else jax.tree.map(lambda *a: jnp.stack(a), *new_caches))
   return x if kv_cache is None else (x, new_caches)
 
 
