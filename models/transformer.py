@@ -121,7 +121,7 @@ def run_blocks(config: ModelConfig, blocks: Params, x_btd: jax.Array, attention_
   layers = (blocks, lora_blocks or None, rngs, caches, prefix_kv)
   if config.scan_layers:
     x, new_caches = jax.lax.scan(step, x_btd, layers)
-  else:  # what scan saves for the backward pass is written into [L, ...] stacks, then sliced back out
+  else:  # no [L, ...] stacks: under scan, what the backward pass saves is written into them and sliced back out
     x, new_caches = x_btd, []
     for i in range(num_layers):
       x, cache = step(x, jax.tree.map(lambda a: a[i], layers))

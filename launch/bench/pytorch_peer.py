@@ -53,14 +53,14 @@ METHOD = ("interleaved ours/peer calls (A B A B ...) after one warm-up each, eac
 
 def workload_model(name: str):
   """`(config, base params)` of a workload, random fp32 weights. tiny: a Llama of d=128, 4 blocks (unrolled,
-  `scan_layers=False`), 4 heads / 2 KV heads of 32, MLP 256, vocab 1,024, tied embeddings; smollm2: SmolLM2-135M's shapes with
-  an untied head. Both carry LoRA r=8, alpha 16, dropout 0.05 on q and v."""
+  `scan_layers=False`), 4 heads / 2 KV heads of 32, MLP 256, vocab 1,024, tied embeddings; smollm2:
+  SmolLM2-135M's shapes with an untied head. Both carry LoRA r=8, alpha 16, dropout 0.05 on q and v."""
   import jax
   import models
   lora = models.LoraConfig(rank=8, alpha=16.0, dropout=0.05, targets=("q", "v"))
   if name == "tiny":
-    # unrolled blocks: 0.67-0.70 s against 0.74-0.79 s scanned per round (SmolLM2: slower unrolled, 18.6 s
-    # against 17.2 s, with compiles of 65 s against 30 s, so it keeps the scan)
+    # unrolled blocks: 0.54-0.55 s against 0.71 s scanned per round in this section (SmolLM2 is slower
+    # unrolled, 18.6 s against 17.2 s, with compiles of 65 s against 30 s, so it keeps the scan)
     config = models.tiny_llama(vocab_size=1024, hidden_size=128, head_dim=32, intermediate_size=256, lora=lora,
                                scan_layers=False)
   elif name == "smollm2":
